@@ -1,0 +1,72 @@
+//! `kaelix`: the MemoryStreamer operator CLI.
+#![forbid(unsafe_code)]
+
+use std::net::UdpSocket;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use kaelix_protocol::{Datagram, DatagramBuilder, MAX_DATAGRAM_LEN};
+
+/// MemoryStreamer operator CLI.
+#[derive(Parser)]
+#[command(name = "kaelix", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Encode frames into one datagram, send it over loopback UDP to ourselves,
+    /// decode and verify every frame, and print what arrived.
+    ProtocolDemo {
+        /// Number of frames to pack into the datagram.
+        #[arg(long, default_value_t = 8)]
+        frames: u64,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::ProtocolDemo { frames } => protocol_demo(frames),
+    }
+}
+
+fn protocol_demo(frames: u64) -> anyhow::Result<()> {
+    let rx = UdpSocket::bind("127.0.0.1:0").context("binding the receiving socket")?;
+    rx.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let tx = UdpSocket::bind("127.0.0.1:0").context("binding the sending socket")?;
+    let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
+    let mut builder = DatagramBuilder::new(&mut buf);
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_nanos() as u64;
+    for seq in 1..=frames {
+        let payload = format!("message {seq}");
+        builder
+            .push_data(1, 42, seq, now, payload.as_bytes())
+            .with_context(|| format!("frame {seq} does not fit in one datagram"))?;
+    }
+    let sent = tx.send_to(builder.as_bytes(), rx.local_addr()?)?;
+    println!("sent one datagram of {sent} bytes carrying {frames} frames");
+    let mut recv = vec![0u8; MAX_DATAGRAM_LEN];
+    let (len, from) = rx
+        .recv_from(&mut recv)
+        .context("waiting for the datagram")?;
+    let mut count = 0;
+    for frame in Datagram::new(&recv[..len]).frames() {
+        let frame = frame.context("decoding a frame")?;
+        println!(
+            "  stream {} producer {} seq {:>3} crc ok  {:?}",
+            frame.stream_id(),
+            frame.producer_id(),
+            frame.sequence(),
+            String::from_utf8_lossy(frame.payload())
+        );
+        count += 1;
+    }
+    if count != frames {
+        bail!("expected {frames} frames from {from}, decoded {count}");
+    }
+    println!("all {count} frames decoded and verified");
+    Ok(())
+}
