@@ -1,7 +1,11 @@
-//! # kaelix-dataplane (being built)
+//! # kaelix-dataplane
 //!
-//! Will hold the receive/transmit backend trait (kernel sockets, AF_XDP,
+//! The receive/transmit backend trait ([`Backend`]: kernel sockets, AF_XDP,
 //! DPDK), the busy-poll loop pinned per RX queue, duplicate detection and
-//! acknowledgements. Nothing is implemented yet.
+//! acknowledgements. Being built: only the backend trait exists so far.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod backend;
+
+pub use backend::{Backend, BackendError, BackendStats, LinkPeer, Peer};
