@@ -43,17 +43,24 @@
 //! - [`Datagram`] / [`Frames`]: iterate the frames of a datagram in place.
 //! - [`DatagramBuilder`]: pack frames into a caller's buffer.
 //! - [`FrameError`], [`EncodeError`]: what was wrong, with the facts.
+//! - [`fetch`]: the TCP fetch protocol of remote consumers ([`FetchRequest`],
+//!   [`FetchResponseHeader`], [`FetchRecords`]).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod body;
 mod codec;
 mod error;
+pub mod fetch;
 mod header;
 
 pub use body::{AckBody, DurabilityLevel, ErrorBody, ErrorCode};
 pub use codec::{Datagram, DatagramBuilder, Frame, FrameFields, Frames, encode_frame, frame_crc};
 pub use error::{EncodeError, FrameError};
+pub use fetch::{
+    FetchBodyError, FetchDecodeError, FetchErrorCode, FetchRecords, FetchRequest,
+    FetchResponseHeader,
+};
 pub use header::{FrameHeader, FrameKind, flags};
 
 /// The two magic bytes at offset 0 of every frame, as a little-endian u16.
