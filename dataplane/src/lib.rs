@@ -9,3 +9,15 @@
 pub mod backend;
 
 pub use backend::{Backend, BackendError, BackendStats, LinkPeer, Peer};
+pub mod counters;
+pub mod flow;
+pub mod idle;
+pub mod shard;
+pub mod sink;
+pub mod socket;
+
+pub use counters::ShardCounters;
+pub use idle::IdleStrategy;
+pub use shard::{Shard, ShardConfig, ShardError, ShardLinks, ShardTask};
+pub use sink::{LogSink, SinkError};
+pub use socket::{SocketBackend, SocketConfig};

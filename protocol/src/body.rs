@@ -90,6 +90,19 @@ pub struct AckBody {
     pub last_offset: U64,
 }
 
+impl AckBody {
+    /// An ACK body granting `credit` frames at `level`; `last_offset` is the
+    /// stream offset of the acknowledged record.
+    pub fn new(credit: u32, level: DurabilityLevel, last_offset: u64) -> Self {
+        Self {
+            credit: U32::new(credit),
+            level: level as u8,
+            reserved: [0; 3],
+            last_offset: U64::new(last_offset),
+        }
+    }
+}
+
 const _: () = {
     assert!(size_of::<AckBody>() == 16);
     assert!(offset_of!(AckBody, credit) == 0);
@@ -214,6 +227,22 @@ pub struct ErrorBody {
     pub reserved: U16,
     /// Code-specific detail.
     pub detail: U32,
+}
+
+impl ErrorBody {
+    /// An ERROR body with a reason and a code-specific detail.
+    pub fn new(code: ErrorCode, detail: u32) -> Self {
+        Self {
+            code: U16::new(code as u16),
+            reserved: U16::ZERO,
+            detail: U32::new(detail),
+        }
+    }
+
+    /// The reason code, if known.
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        ErrorCode::from_u16(self.code.get())
+    }
 }
 
 const _: () = {

@@ -1,0 +1,834 @@
+//! The busy-poll loop of one shard: receive a batch, validate, deduplicate,
+//! append, acknowledge. Written once against [`Backend`] and [`LogSink`].
+//!
+//! One cycle:
+//! 1. drain at most [`COMMANDS_PER_CYCLE`] control commands;
+//! 2. `recv_batch`: every frame of every datagram is validated (protocol
+//!    crate), admitted or rejected by its flow ([`crate::flow`]) and appended;
+//!    consecutive frames of one flow form one storage batch;
+//! 3. flows whose data became durable at their level get a cumulative ACK;
+//!    rejected frames get ERROR frames; everything goes out in one `flush_tx`;
+//! 4. counters are published once; housekeeping runs about once a second;
+//! 5. when nothing happened, the idle strategy decides to spin, yield or park.
+//!
+//! Per message there is no allocation, lock, system call or log line: the
+//! clock is read once per cycle, replies are written into the backend's
+//! buffers, counters are summed locally and published per batch.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use kaelix_protocol::{
+    AckBody, Datagram, DatagramBuilder, DurabilityLevel, ErrorBody, ErrorCode, Frame, FrameKind,
+    flags,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Backend, BackendError, Peer};
+use crate::counters::{BatchCounts, ShardCounters};
+use crate::flow::{Admission, FlowKey, FlowTable};
+use crate::idle::{IdleAction, IdleStrategy, Idler};
+use crate::sink::{LogSink, SinkError};
+
+/// Control commands drained per cycle (keeps a flood of commands from starving traffic).
+pub const COMMANDS_PER_CYCLE: usize = 16;
+/// Rejections answered per cycle; more are counted but not answered.
+const ERROR_REPLIES_MAX: usize = 256;
+
+/// Settings of one shard's loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShardConfig {
+    /// Frames a producer may have unacknowledged per flow (the credit in ACKs).
+    pub credit_window: u32,
+    /// Flows (producer, stream pairs) tracked at most; more are rejected.
+    pub max_flows: usize,
+    /// Flows allocated for at start.
+    pub initial_flows: usize,
+    /// What an idle shard does.
+    pub idle: IdleStrategy,
+}
+
+impl Default for ShardConfig {
+    fn default() -> Self {
+        Self {
+            credit_window: 8192,
+            max_flows: 1 << 20,
+            initial_flows: 4096,
+            idle: IdleStrategy::default(),
+        }
+    }
+}
+
+/// A command run on the shard's own thread, with the log in hand.
+pub type ShardTask<S> = Box<dyn FnOnce(&mut S, &mut FlowTable) + Send>;
+
+/// Why a shard stopped with an error (as opposed to being asked to stop).
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// The backend failed.
+    #[error("shard {shard}: backend failed: {source}")]
+    Backend {
+        /// Shard id.
+        shard: u32,
+        /// The failure.
+        #[source]
+        source: BackendError,
+    },
+}
+
+/// A rejected frame waiting for its ERROR reply.
+#[derive(Debug, Clone, Copy)]
+struct Rejection {
+    peer: Peer,
+    stream_id: u32,
+    producer_id: u32,
+    sequence: u64,
+    code: ErrorCode,
+    detail: u32,
+}
+
+/// The open storage batch: one flow's consecutive frames.
+#[derive(Debug, Clone, Copy)]
+struct OpenBatch {
+    key: FlowKey,
+    first_sequence: u64,
+    last_sequence: u64,
+    last_offset: u64,
+    last_timestamp_ns: u64,
+}
+
+/// Everything the receive path touches, apart from the backend.
+struct Ingest<S> {
+    shard: u32,
+    sink: S,
+    flows: FlowTable,
+    window: u64,
+    now_ns: u64,
+    open: Option<OpenBatch>,
+    /// Flows that need their ACK state looked at (listed once each).
+    dirty: Vec<FlowKey>,
+    rejections: Vec<Rejection>,
+    counts: BatchCounts,
+}
+
+impl<S: LogSink> Ingest<S> {
+    fn reject(&mut self, rejection: Rejection) {
+        self.counts.error(rejection.code);
+        if self.rejections.len() < ERROR_REPLIES_MAX {
+            self.rejections.push(rejection);
+        } else {
+            self.counts.replies_dropped += 1;
+        }
+    }
+
+    fn mark_dirty(&mut self, key: FlowKey) {
+        if let Some(flow) = self.flows.get_mut(key)
+            && !flow.listed
+        {
+            flow.listed = true;
+            self.dirty.push(key);
+        }
+    }
+
+    /// Close the open storage batch and record its ACK point on the flow.
+    fn commit_open(&mut self) {
+        let Some(open) = self.open.take() else { return };
+        match self.sink.commit() {
+            Ok(end_position) => {
+                if let Some(flow) = self.flows.get_mut(open.key) {
+                    flow.batch_committed(
+                        open.last_sequence,
+                        open.last_offset,
+                        open.last_timestamp_ns,
+                        end_position,
+                    );
+                }
+                self.mark_dirty(open.key);
+            }
+            Err(err) => {
+                // A failed commit discards the whole batch (LogSink contract):
+                // rewind the flow so the producer's retransmits are appended.
+                let peer = self.flows.get_mut(open.key).map(|flow| {
+                    flow.expected = open.first_sequence;
+                    flow.peer
+                });
+                if let Some(peer) = peer {
+                    self.reject(Rejection {
+                        peer,
+                        stream_id: open.key.stream_id,
+                        producer_id: open.key.producer_id,
+                        sequence: open.last_sequence,
+                        code: sink_error_code(&err),
+                        detail: 0,
+                    });
+                }
+            }
+        }
+    }
+
+    fn on_datagram(&mut self, bytes: &[u8], peer: &Peer) {
+        self.counts.datagrams += 1;
+        for frame in Datagram::new(bytes).frames() {
+            match frame {
+                Ok(frame) => match frame.kind() {
+                    FrameKind::Data => self.on_data(&frame, peer),
+                    FrameKind::Heartbeat => self.on_heartbeat(&frame, peer),
+                    FrameKind::Ack | FrameKind::Error => self.reject(Rejection {
+                        peer: *peer,
+                        stream_id: frame.stream_id(),
+                        producer_id: frame.producer_id(),
+                        sequence: frame.sequence(),
+                        code: ErrorCode::UnexpectedKind,
+                        detail: frame.kind() as u32,
+                    }),
+                },
+                Err(err) => self.reject(Rejection {
+                    peer: *peer,
+                    stream_id: 0,
+                    producer_id: 0,
+                    sequence: 0,
+                    code: err.code(),
+                    detail: err.offset() as u32,
+                }),
+            }
+        }
+        // A batch never spans datagrams: the next datagram may come from
+        // another peer, and an ACK point needs a committed position.
+        self.commit_open();
+    }
+
+    fn on_data(&mut self, frame: &Frame<'_>, peer: &Peer) {
+        let key = FlowKey {
+            producer_id: frame.producer_id(),
+            stream_id: frame.stream_id(),
+        };
+        let sequence = frame.sequence();
+        let rejection = |code, detail| Rejection {
+            peer: *peer,
+            stream_id: key.stream_id,
+            producer_id: key.producer_id,
+            sequence,
+            code,
+            detail,
+        };
+        if frame.flags() & flags::RETRANSMIT != 0 {
+            self.counts.retransmits_seen += 1;
+        }
+        if self.open.is_some_and(|open| open.key != key) {
+            self.commit_open();
+        }
+        let level = if self.open.is_some() {
+            None // the flow exists and its stream was checked when the batch opened
+        } else {
+            match self.sink.stream_level(key.stream_id) {
+                Some(level) => Some(level),
+                None => {
+                    self.reject(rejection(ErrorCode::UnknownStream, 0));
+                    return;
+                }
+            }
+        };
+        let flow = match self
+            .flows
+            .get_or_insert(key, *peer, level.unwrap_or_default())
+        {
+            Ok(flow) => flow,
+            Err(_) => {
+                self.reject(rejection(ErrorCode::StorageError, 0));
+                return;
+            }
+        };
+        flow.peer = *peer;
+        if let Some(level) = level {
+            flow.level = level;
+        }
+        match flow.admit(sequence, self.window) {
+            Admission::Append => {}
+            Admission::Duplicate => {
+                self.counts.duplicates += 1;
+                flow.ack_due = true;
+                self.mark_dirty(key);
+                return;
+            }
+            Admission::Gap { .. } => {
+                self.counts.gaps += 1;
+                flow.ack_due = true;
+                self.mark_dirty(key);
+                return;
+            }
+            Admission::OutOfWindow { limit } => {
+                let detail = u32::try_from(limit.saturating_sub(flow.acked)).unwrap_or(u32::MAX);
+                self.reject(rejection(ErrorCode::OutOfWindow, detail));
+                return;
+            }
+        }
+        if self.open.is_none() {
+            if let Err(err) = self.sink.begin(key.stream_id, self.now_ns) {
+                self.reject(rejection(sink_error_code(&err), 0));
+                return;
+            }
+            self.open = Some(OpenBatch {
+                key,
+                first_sequence: sequence,
+                last_sequence: 0,
+                last_offset: 0,
+                last_timestamp_ns: 0,
+            });
+        }
+        match self.sink.push(frame.as_bytes()) {
+            Ok(offset) => {
+                if let Some(flow) = self.flows.get_mut(key) {
+                    flow.accept(sequence);
+                }
+                if let Some(open) = self.open.as_mut() {
+                    open.last_sequence = sequence;
+                    open.last_offset = offset;
+                    open.last_timestamp_ns = frame.timestamp_ns();
+                }
+                self.counts.frames_appended += 1;
+                self.counts.bytes_appended += frame.len() as u64;
+            }
+            Err(err) => {
+                self.commit_open();
+                self.reject(rejection(sink_error_code(&err), 0));
+            }
+        }
+    }
+
+    fn on_heartbeat(&mut self, frame: &Frame<'_>, peer: &Peer) {
+        self.counts.heartbeats += 1;
+        let key = FlowKey {
+            producer_id: frame.producer_id(),
+            stream_id: frame.stream_id(),
+        };
+        if self.open.is_some_and(|open| open.key == key) {
+            self.commit_open();
+        }
+        let Some(level) = self.sink.stream_level(key.stream_id) else {
+            self.reject(Rejection {
+                peer: *peer,
+                stream_id: key.stream_id,
+                producer_id: key.producer_id,
+                sequence: frame.sequence(),
+                code: ErrorCode::UnknownStream,
+                detail: 0,
+            });
+            return;
+        };
+        if let Ok(flow) = self.flows.get_or_insert(key, *peer, level) {
+            flow.peer = *peer;
+            if flow.heartbeat(frame.sequence()) {
+                self.counts.flow_resyncs += 1;
+            }
+            self.mark_dirty(key);
+        }
+    }
+}
+
+fn sink_error_code(err: &SinkError) -> ErrorCode {
+    match err {
+        SinkError::UnknownStream { .. } => ErrorCode::UnknownStream,
+        SinkError::Full { .. } => ErrorCode::StorageFull,
+        SinkError::Failed { .. } => ErrorCode::StorageError,
+    }
+}
+
+/// How the control plane reaches a running shard: commands in, a stop flag, counters out.
+pub struct ShardLinks<S> {
+    /// Commands run on the shard's thread (bounded queue).
+    pub commands: Receiver<ShardTask<S>>,
+    /// Set to stop the loop.
+    pub stop: Arc<AtomicBool>,
+    /// The shard's counters.
+    pub counters: Arc<ShardCounters>,
+}
+
+/// One shard: a backend, a log, and the loop between them.
+pub struct Shard<B, S> {
+    backend: B,
+    ingest: Ingest<S>,
+    idler: Idler,
+    commands: Receiver<ShardTask<S>>,
+    stop: Arc<AtomicBool>,
+    counters: Arc<ShardCounters>,
+    /// Flows with data waiting for durability, carried across cycles.
+    waiting: Vec<FlowKey>,
+    next_housekeeping: Instant,
+}
+
+impl<B: Backend, S: LogSink> Shard<B, S> {
+    /// Assemble a shard. `flows` may carry flow state recovered from the log.
+    pub fn new(
+        shard: u32,
+        backend: B,
+        sink: S,
+        flows: FlowTable,
+        config: &ShardConfig,
+        links: ShardLinks<S>,
+    ) -> Self {
+        let ShardLinks {
+            commands,
+            stop,
+            counters,
+        } = links;
+        Self {
+            backend,
+            ingest: Ingest {
+                shard,
+                sink,
+                flows,
+                window: u64::from(config.credit_window.max(1)),
+                now_ns: 0,
+                open: None,
+                dirty: Vec::with_capacity(config.initial_flows),
+                rejections: Vec::with_capacity(ERROR_REPLIES_MAX),
+                counts: BatchCounts::default(),
+            },
+            idler: Idler::new(config.idle),
+            commands,
+            stop,
+            counters,
+            waiting: Vec::with_capacity(config.initial_flows),
+            next_housekeeping: Instant::now(),
+        }
+    }
+
+    /// Run until the stop flag is set or the backend fails.
+    pub fn run(mut self) -> Result<(), ShardError> {
+        while !self.stop.load(Ordering::Acquire) {
+            let worked = self.poll_once()?;
+            if worked {
+                self.idler.busy();
+                continue;
+            }
+            self.counters.idle_cycles.fetch_add(1, Ordering::Relaxed);
+            match self.idler.idle() {
+                IdleAction::Spin => std::hint::spin_loop(),
+                IdleAction::Yield => std::thread::yield_now(),
+                IdleAction::Park(timeout) => {
+                    // Data waiting for a flush must not wait a whole park.
+                    let timeout = if self.waiting.is_empty() {
+                        timeout
+                    } else {
+                        timeout.min(Duration::from_micros(50))
+                    };
+                    self.backend
+                        .wait_readable(timeout)
+                        .map_err(|source| ShardError::Backend {
+                            shard: self.ingest.shard,
+                            source,
+                        })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One cycle; true when anything was received, acknowledged or run.
+    pub fn poll_once(&mut self) -> Result<bool, ShardError> {
+        let shard = self.ingest.shard;
+        let backend_error = |source| ShardError::Backend { shard, source };
+        let now = Instant::now();
+        self.ingest.now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let mut worked = self.run_commands();
+
+        let ingest = &mut self.ingest;
+        let received = self
+            .backend
+            .recv_batch(&mut |bytes, peer| ingest.on_datagram(bytes, peer))
+            .map_err(backend_error)?;
+        worked |= received > 0;
+
+        worked |= self.queue_replies()?;
+        self.backend.flush_tx().map_err(backend_error)?;
+        self.counters.publish(&mut self.ingest.counts);
+
+        if now >= self.next_housekeeping {
+            self.next_housekeeping = now + Duration::from_secs(1);
+            // Retention failures are reported by the sink's own counters; the
+            // loop keeps serving.
+            let _ = self.ingest.sink.housekeeping(self.ingest.now_ns);
+        }
+        Ok(worked)
+    }
+
+    fn run_commands(&mut self) -> bool {
+        let mut ran = false;
+        for _ in 0..COMMANDS_PER_CYCLE {
+            match self.commands.try_recv() {
+                Ok(task) => {
+                    task(&mut self.ingest.sink, &mut self.ingest.flows);
+                    ran = true;
+                }
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        ran
+    }
+
+    /// Queue ACKs for flows whose data became durable (or that asked), and
+    /// ERROR frames for rejected frames. True when anything was queued.
+    fn queue_replies(&mut self) -> Result<bool, ShardError> {
+        let shard = self.ingest.shard;
+        let mut queued = false;
+        let ingest = &mut self.ingest;
+        let positions = DurabilityLevel::ALL.map(|level| ingest.sink.durable_position(level));
+        let window = u32::try_from(ingest.window).unwrap_or(u32::MAX);
+        // Flows touched this cycle first, then flows still waiting from before.
+        self.waiting.append(&mut ingest.dirty);
+        let mut index = 0;
+        while index < self.waiting.len() {
+            let key = self.waiting[index];
+            let Some(flow) = ingest.flows.get_mut(key) else {
+                self.waiting.swap_remove(index);
+                continue;
+            };
+            flow.listed = false;
+            let due = flow.poll_ack(positions[flow.level as usize]);
+            if due {
+                let header_seq = flow.acked;
+                let body = AckBody::new(window, flow.level, flow.acked_offset);
+                let timestamp = flow.acked_timestamp_ns;
+                let peer = flow.peer;
+                let sent = self
+                    .backend
+                    .queue_tx(&peer, &mut |buf| {
+                        let mut builder = DatagramBuilder::new(buf);
+                        match builder.push_ack(
+                            key.stream_id,
+                            key.producer_id,
+                            header_seq,
+                            timestamp,
+                            &body,
+                        ) {
+                            Ok(()) => builder.len(),
+                            Err(_) => 0,
+                        }
+                    })
+                    .map_err(|source| ShardError::Backend { shard, source })?;
+                if sent {
+                    ingest.counts.acks_sent += 1;
+                } else {
+                    ingest.counts.replies_dropped += 1;
+                }
+                queued = true;
+            }
+            if flow.is_waiting() {
+                flow.listed = true;
+                index += 1;
+            } else {
+                self.waiting.swap_remove(index);
+            }
+        }
+        for rejection in ingest.rejections.drain(..) {
+            let body = ErrorBody::new(rejection.code, rejection.detail);
+            let message = rejection.code.name().as_bytes();
+            let sent = self
+                .backend
+                .queue_tx(&rejection.peer, &mut |buf| {
+                    let mut builder = DatagramBuilder::new(buf);
+                    match builder.push_error(
+                        rejection.stream_id,
+                        rejection.producer_id,
+                        rejection.sequence,
+                        &body,
+                        message,
+                    ) {
+                        Ok(()) => builder.len(),
+                        Err(_) => 0,
+                    }
+                })
+                .map_err(|source| ShardError::Backend { shard, source })?;
+            if sent {
+                ingest.counts.errors_sent += 1;
+            } else {
+                ingest.counts.replies_dropped += 1;
+            }
+            queued = true;
+        }
+        Ok(queued)
+    }
+
+    /// The log, for inspection in tests.
+    pub fn sink(&self) -> &S {
+        &self.ingest.sink
+    }
+
+    /// The flow table, for inspection in tests.
+    pub fn flows(&self) -> &FlowTable {
+        &self.ingest.flows
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::socket::{SocketBackend, SocketConfig};
+    use kaelix_protocol::{FrameFields, MAX_DATAGRAM_LEN};
+    use std::collections::HashMap;
+    use std::net::UdpSocket;
+
+    /// A log in a Vec: enough to test the loop's decisions.
+    #[derive(Default)]
+    struct MemorySink {
+        streams: HashMap<u32, (DurabilityLevel, u64)>,
+        records: Vec<(u32, u64, Vec<u8>)>,
+        open: Option<(u32, usize)>,
+        position: u64,
+        durable: u64,
+        fail_pushes_after: Option<usize>,
+    }
+
+    impl LogSink for MemorySink {
+        fn stream_level(&self, stream_id: u32) -> Option<DurabilityLevel> {
+            self.streams.get(&stream_id).map(|s| s.0)
+        }
+        fn begin(&mut self, stream_id: u32, _now_ns: u64) -> Result<(), SinkError> {
+            self.open = Some((stream_id, self.records.len()));
+            Ok(())
+        }
+        fn push(&mut self, frame: &[u8]) -> Result<u64, SinkError> {
+            if self
+                .fail_pushes_after
+                .is_some_and(|n| self.records.len() >= n)
+            {
+                return Err(SinkError::Full {
+                    detail: "test".into(),
+                });
+            }
+            let (stream_id, _) = self.open.expect("push inside a batch");
+            let stream = self.streams.get_mut(&stream_id).expect("stream exists");
+            let offset = stream.1;
+            stream.1 += 1;
+            self.records.push((stream_id, offset, frame.to_vec()));
+            self.position += frame.len() as u64;
+            Ok(offset)
+        }
+        fn commit(&mut self) -> Result<u64, SinkError> {
+            self.open = None;
+            Ok(self.position)
+        }
+        fn durable_position(&self, level: DurabilityLevel) -> u64 {
+            if level == DurabilityLevel::Memory {
+                self.position
+            } else {
+                self.durable
+            }
+        }
+        fn housekeeping(&mut self, _now_ns: u64) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    struct Harness {
+        shard: Shard<SocketBackend, MemorySink>,
+        client: UdpSocket,
+        broker: std::net::SocketAddr,
+        _commands: crossbeam_channel::Sender<ShardTask<MemorySink>>,
+    }
+
+    fn harness(streams: &[(u32, DurabilityLevel)]) -> Harness {
+        let backend =
+            SocketBackend::bind("127.0.0.1:0".parse().unwrap(), &SocketConfig::default()).unwrap();
+        let broker = backend.local_addr().unwrap();
+        let mut sink = MemorySink::default();
+        for (id, level) in streams {
+            sink.streams.insert(*id, (*level, 0));
+        }
+        let (tx, rx) = crossbeam_channel::bounded(8);
+        let config = ShardConfig {
+            credit_window: 100,
+            ..ShardConfig::default()
+        };
+        let shard = Shard::new(
+            0,
+            backend,
+            sink,
+            FlowTable::new(16, 16),
+            &config,
+            ShardLinks {
+                commands: rx,
+                stop: Arc::new(AtomicBool::new(false)),
+                counters: Arc::new(ShardCounters::default()),
+            },
+        );
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        Harness {
+            shard,
+            client,
+            broker,
+            _commands: tx,
+        }
+    }
+
+    impl Harness {
+        fn send(&self, frames: &[(u32, u32, u64)]) {
+            let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
+            let mut builder = DatagramBuilder::new(&mut buf);
+            for (stream, producer, seq) in frames {
+                builder
+                    .push(
+                        &FrameFields::data(*stream, *producer, *seq, *seq * 10),
+                        &seq.to_le_bytes(),
+                    )
+                    .unwrap();
+            }
+            self.client
+                .send_to(builder.as_bytes(), self.broker)
+                .unwrap();
+        }
+
+        /// Poll the shard until a reply arrives; return its frames as (kind, stream, seq, code).
+        fn reply(&mut self) -> Vec<(FrameKind, u32, u64, Option<ErrorCode>)> {
+            self.client.set_nonblocking(true).unwrap();
+            let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                self.shard.poll_once().unwrap();
+                if let Ok(n) = self.client.recv(&mut buf) {
+                    return Datagram::new(&buf[..n])
+                        .frames()
+                        .map(|f| {
+                            let f = f.unwrap();
+                            let code = f.error().and_then(|(body, _)| body.error_code());
+                            (f.kind(), f.stream_id(), f.sequence(), code)
+                        })
+                        .collect();
+                }
+                assert!(Instant::now() < deadline, "no reply from the shard");
+            }
+        }
+    }
+
+    #[test]
+    fn appends_in_order_and_acks_cumulatively() {
+        let mut h = harness(&[(1, DurabilityLevel::Memory)]);
+        h.send(&[(1, 7, 1), (1, 7, 2), (1, 7, 3)]);
+        assert_eq!(h.reply(), vec![(FrameKind::Ack, 1, 3, None)]);
+        assert_eq!(h.shard.sink().records.len(), 3);
+        let offsets: Vec<u64> = h.shard.sink().records.iter().map(|r| r.1).collect();
+        assert_eq!(offsets, vec![0, 1, 2]);
+        assert_eq!(h.shard.counters.frames_appended.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn duplicates_are_acked_not_appended_and_gaps_dropped() {
+        let mut h = harness(&[(1, DurabilityLevel::Memory)]);
+        h.send(&[(1, 7, 1), (1, 7, 2)]);
+        assert_eq!(h.reply(), vec![(FrameKind::Ack, 1, 2, None)]);
+        h.send(&[(1, 7, 2)]);
+        assert_eq!(h.reply(), vec![(FrameKind::Ack, 1, 2, None)]);
+        h.send(&[(1, 7, 4)]);
+        assert_eq!(h.reply(), vec![(FrameKind::Ack, 1, 2, None)]);
+        h.send(&[(1, 7, 3), (1, 7, 4)]);
+        assert_eq!(h.reply(), vec![(FrameKind::Ack, 1, 4, None)]);
+        let seqs: Vec<u64> = h
+            .shard
+            .sink()
+            .records
+            .iter()
+            .map(|r| Frame::parse(&r.2).unwrap().sequence())
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4]);
+        assert_eq!(h.shard.counters.duplicates.load(Ordering::Relaxed), 1);
+        assert_eq!(h.shard.counters.gaps.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn unknown_stream_bad_crc_and_window_get_errors() {
+        let mut h = harness(&[(1, DurabilityLevel::Memory)]);
+        h.send(&[(9, 7, 1)]);
+        assert_eq!(
+            h.reply(),
+            vec![(FrameKind::Error, 9, 1, Some(ErrorCode::UnknownStream))]
+        );
+        h.send(&[(1, 7, 101)]);
+        assert_eq!(
+            h.reply(),
+            vec![(FrameKind::Error, 1, 101, Some(ErrorCode::OutOfWindow))]
+        );
+        let mut buf = [0u8; 64];
+        let n = kaelix_protocol::encode_frame(&mut buf, &FrameFields::data(1, 7, 1, 0), b"abc")
+            .unwrap();
+        buf[n - 1] ^= 1;
+        h.client.send_to(&buf[..n], h.broker).unwrap();
+        assert_eq!(
+            h.reply(),
+            vec![(FrameKind::Error, 0, 0, Some(ErrorCode::CrcMismatch))]
+        );
+        h.client
+            .send_to(b"garbage that is not a frame at all.......", h.broker)
+            .unwrap();
+        assert_eq!(
+            h.reply(),
+            vec![(FrameKind::Error, 0, 0, Some(ErrorCode::BadMagic))]
+        );
+        assert_eq!(h.shard.counters.error_count(ErrorCode::CrcMismatch), 1);
+        assert_eq!(h.shard.counters.total_errors(), 4);
+        assert!(h.shard.sink().records.is_empty());
+        // Valid traffic still flows afterwards.
+        h.send(&[(1, 7, 1)]);
+        assert_eq!(h.reply(), vec![(FrameKind::Ack, 1, 1, None)]);
+    }
+
+    #[test]
+    fn durable_levels_wait_for_the_durable_position() {
+        let mut h = harness(&[(2, DurabilityLevel::Fsync)]);
+        h.send(&[(2, 7, 1)]);
+        for _ in 0..50 {
+            h.shard.poll_once().unwrap();
+        }
+        h.client.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 256];
+        assert!(
+            h.client.recv(&mut buf).is_err(),
+            "no ack before the data is durable"
+        );
+        let position = h.shard.sink().position;
+        h.shard.ingest.sink.durable = position;
+        assert_eq!(h.reply(), vec![(FrameKind::Ack, 2, 1, None)]);
+    }
+
+    #[test]
+    fn frames_of_several_flows_in_one_datagram() {
+        let mut h = harness(&[(1, DurabilityLevel::Memory), (2, DurabilityLevel::Memory)]);
+        h.send(&[(1, 7, 1), (2, 7, 1), (1, 8, 1), (1, 7, 2)]);
+        let mut replies = h.reply();
+        while replies.len() < 3 {
+            replies.extend(h.reply());
+        }
+        replies.sort_by_key(|r| (r.1, r.2));
+        assert_eq!(h.shard.sink().records.len(), 4);
+        assert_eq!(h.shard.flows().len(), 3);
+    }
+
+    #[test]
+    fn storage_full_rejects_and_rewinds() {
+        let mut h = harness(&[(1, DurabilityLevel::Memory)]);
+        h.shard.ingest.sink.fail_pushes_after = Some(1);
+        h.send(&[(1, 7, 1), (1, 7, 2)]);
+        let mut replies = h.reply();
+        if replies.len() < 2 {
+            replies.extend(h.reply());
+        }
+        assert!(
+            replies.contains(&(FrameKind::Ack, 1, 1, None)),
+            "{replies:?}"
+        );
+        assert!(
+            replies.contains(&(FrameKind::Error, 1, 2, Some(ErrorCode::StorageFull))),
+            "{replies:?}"
+        );
+        h.shard.ingest.sink.fail_pushes_after = None;
+        h.send(&[(1, 7, 2)]);
+        assert_eq!(h.reply(), vec![(FrameKind::Ack, 1, 2, None)]);
+    }
+}
