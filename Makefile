@@ -1,0 +1,86 @@
+# MemoryStreamer entry points. `make run` and `make test` work on a fresh
+# Debian 12 machine as root: both run `make setup` first.
+#
+#   make setup     install Debian packages and cargo tools (scripts/setup.sh)
+#   make build     build the whole workspace (debug)
+#   make run       build and run kaelix (scripts/run.sh)
+#   make test      the full gate: what .ci/run and .github/workflows/quality.yml run
+#   make bench     run the criterion benchmarks
+#   make fuzz      fuzz the datagram decoder for FUZZ_SECONDS (default 300)
+#   make fmt       format the code
+#   make clippy    lint with warnings as errors
+#
+# Every cargo command shares one target directory: $CARGO_TARGET_DIR, or
+# ./target when it is not set (the fuzz build goes to its own triple subfolder
+# there, so it does not invalidate the normal builds).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+# Steps of `make test` share cargo's build lock and must run in order.
+.NOTPARALLEL:
+
+CARGO ?= cargo
+export CARGO_TARGET_DIR ?= $(CURDIR)/target
+# --locked: Cargo.lock is committed and must match Cargo.toml.
+CARGO_FLAGS ?= --locked
+
+FUZZ_TARGET ?= datagram
+FUZZ_SECONDS ?= 300
+FUZZ_SMOKE_SECONDS ?= 45
+FUZZ_CORPUS := $(CURDIR)/fuzz/corpus/$(FUZZ_TARGET)
+FUZZ_SEEDS := $(CURDIR)/fuzz/seeds/$(FUZZ_TARGET)
+# --sanitizer none: the address sanitizer needs nightly (-Zsanitizer); coverage
+# instrumentation alone works on stable. -a turns on debug assertions and
+# overflow checks in the fuzzed code. -max_len: the largest UDP datagram.
+FUZZ_RUN = $(CARGO) fuzz run $(FUZZ_TARGET) --sanitizer none -a \
+	--target-dir $(CARGO_TARGET_DIR) $(FUZZ_CORPUS) $(FUZZ_SEEDS) -- \
+	-dict=$(CURDIR)/fuzz/$(FUZZ_TARGET).dict -max_len=65507 -print_final_stats=1
+
+.PHONY: all setup build run test bench fuzz fmt clippy \
+	fmt-check check-deps test-suite bench-build fuzz-smoke
+
+all: build
+
+setup:
+	bash scripts/setup.sh
+
+build: setup
+	$(CARGO) build --workspace $(CARGO_FLAGS)
+
+run: setup
+	bash scripts/run.sh
+
+# The gate. Each step is also a target of its own (the GitHub workflows call them one by one).
+test: setup fmt-check check-deps clippy test-suite bench-build fuzz-smoke
+	@echo "make test: all steps passed"
+
+fmt-check:
+	$(CARGO) fmt --all -- --check
+
+# protocol and storage are sans-IO: fail loudly if tokio enters their normal dependencies.
+check-deps:
+	bash scripts/check-no-tokio.sh
+
+clippy: setup
+	$(CARGO) clippy --workspace --all-targets $(CARGO_FLAGS) -- -D warnings
+
+test-suite: setup
+	$(CARGO) test --workspace $(CARGO_FLAGS)
+
+# Build (not run) every benchmark so they do not rot.
+bench-build: setup
+	$(CARGO) bench --workspace --no-run $(CARGO_FLAGS)
+
+bench: setup
+	$(CARGO) bench --workspace $(CARGO_FLAGS)
+
+fuzz-smoke: setup
+	mkdir -p $(FUZZ_CORPUS)
+	$(FUZZ_RUN) -max_total_time=$(FUZZ_SMOKE_SECONDS)
+
+fuzz: setup
+	mkdir -p $(FUZZ_CORPUS)
+	$(FUZZ_RUN) -max_total_time=$(FUZZ_SECONDS)
+
+fmt:
+	$(CARGO) fmt --all
