@@ -5,3 +5,5 @@
 //! metrics. Nothing is implemented yet.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
+
+pub mod config;
