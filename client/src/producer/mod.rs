@@ -1,0 +1,16 @@
+//! The producer: a sans-IO core ([`ProducerState`]) and a UDP driver
+//! ([`Producer`]) that runs it on a background thread.
+
+mod config;
+mod driver;
+mod state;
+
+pub use config::{ConfigError, DATAGRAM_LEN_DEFAULT, ProducerConfig, random_producer_id};
+pub use driver::{FailedMessage, ProduceError, Producer, ProducerBuilder};
+pub use state::{
+    Delivery, FlowAck, ProducerEvent, ProducerState, ProducerStats, SendError, Ticket, Transmit,
+    is_permanent,
+};
+
+#[cfg(test)]
+mod state_tests;
