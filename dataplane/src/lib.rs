@@ -10,8 +10,11 @@ pub mod backend;
 
 pub use backend::{Backend, BackendError, BackendStats, LinkPeer, Peer};
 pub mod counters;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod flow;
 pub mod idle;
+pub mod packet;
 pub mod shard;
 pub mod sink;
 pub mod socket;
