@@ -35,7 +35,8 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        toml::from_str(DEFAULT_CONFIG_TOML).expect("the embedded default configuration parses (checked by a unit test)")
+        toml::from_str(DEFAULT_CONFIG_TOML)
+            .expect("the embedded default configuration parses (checked by a unit test)")
     }
 }
 
@@ -135,11 +136,16 @@ mod durability_name {
     use kaelix_protocol::DurabilityLevel;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(level: &DurabilityLevel, serializer: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        level: &DurabilityLevel,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(level.name())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<DurabilityLevel, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<DurabilityLevel, D::Error> {
         let name = String::deserialize(deserializer)?;
         name.parse().map_err(serde::de::Error::custom)
     }
@@ -219,18 +225,26 @@ impl Config {
         };
         let shards = self.broker.shards;
         if !(1..=64).contains(&shards) {
-            problem("broker.shards", format!("{shards} is out of range (allowed: 1 to 64)"));
+            problem(
+                "broker.shards",
+                format!("{shards} is out of range (allowed: 1 to 64)"),
+            );
         }
         if self.broker.data_addr.port() == 0 && shards > 1 {
             problem(
                 "broker.data_addr",
-                "port 0 (pick any) works only with broker.shards = 1: shard N listens on port + N".into(),
+                "port 0 (pick any) works only with broker.shards = 1: shard N listens on port + N"
+                    .into(),
             );
         }
         if u32::from(self.broker.data_addr.port()) + shards.saturating_sub(1) > 65_535 {
             problem(
                 "broker.data_addr",
-                format!("port {} + {} shards runs past 65535", self.broker.data_addr.port(), shards),
+                format!(
+                    "port {} + {} shards runs past 65535",
+                    self.broker.data_addr.port(),
+                    shards
+                ),
             );
         }
         let segment = self.storage.segment_size_mib;
@@ -252,11 +266,17 @@ impl Config {
         {
             problem(
                 "storage.retention_mib",
-                format!("{retention} is below two segments ({} MiB); retention keeps whole segments", 2 * segment),
+                format!(
+                    "{retention} is below two segments ({} MiB); retention keeps whole segments",
+                    2 * segment
+                ),
             );
         }
         if self.storage.retention_age_secs == Some(0) {
-            problem("storage.retention_age_secs", "0 would delete data at once (allowed: 1 or more)".into());
+            problem(
+                "storage.retention_age_secs",
+                "0 would delete data at once (allowed: 1 or more)".into(),
+            );
         }
         let window = self.dataplane.shard.credit_window;
         if !(1..=1 << 20).contains(&window) {
@@ -271,7 +291,8 @@ impl Config {
         if self.dataplane.backend == BackendKind::Dpdk && !cfg!(feature = "dpdk") {
             problem(
                 "dataplane.backend",
-                "\"dpdk\" needs a build with the `dpdk` feature (allowed here: socket, af_xdp)".into(),
+                "\"dpdk\" needs a build with the `dpdk` feature (allowed here: socket, af_xdp)"
+                    .into(),
             );
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -310,7 +331,12 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.dataplane.backend, BackendKind::Socket);
         assert!(!config.streams.is_empty());
-        assert_eq!(Config::from_toml("", Path::new("empty.toml")).unwrap().broker, BrokerSection::default());
+        assert_eq!(
+            Config::from_toml("", Path::new("empty.toml"))
+                .unwrap()
+                .broker,
+            BrokerSection::default()
+        );
     }
 
     #[test]
@@ -334,7 +360,12 @@ mod tests {
         let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
         assert_eq!(
             keys,
-            vec!["broker.shards", "storage.segment_size_mib", "storage.flush_interval_ms", "streams[1].id"]
+            vec![
+                "broker.shards",
+                "storage.segment_size_mib",
+                "storage.flush_interval_ms",
+                "streams[1].id"
+            ]
         );
         assert!(err.to_string().contains("allowed: 1 to 64"), "{err}");
     }
@@ -343,9 +374,14 @@ mod tests {
     fn unknown_keys_and_bad_types_are_parse_errors() {
         let err = Config::from_toml("[broker]\nshardz = 2\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("shardz"), "{err}");
-        let err = Config::from_toml("[broker]\nshards = \"two\"\n", Path::new("x.toml")).unwrap_err();
+        let err =
+            Config::from_toml("[broker]\nshards = \"two\"\n", Path::new("x.toml")).unwrap_err();
         assert!(err.to_string().contains("shards"), "{err}");
-        let err = Config::from_toml("[[streams]]\nid = 1\ndurability = \"quorum\"\n", Path::new("x.toml")).unwrap_err();
+        let err = Config::from_toml(
+            "[[streams]]\nid = 1\ndurability = \"quorum\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("quorum"), "{err}");
         let err = Config::from_toml("[broker\n", Path::new("x.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");

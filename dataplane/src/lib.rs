@@ -15,12 +15,14 @@ pub mod dpdk;
 pub mod flow;
 pub mod idle;
 pub mod packet;
+pub mod pinning;
 pub mod shard;
 pub mod sink;
 pub mod socket;
 
 pub use counters::ShardCounters;
 pub use idle::IdleStrategy;
+pub use pinning::{CoreSelection, PinError, PinPlan};
 pub use shard::{Shard, ShardConfig, ShardError, ShardLinks, ShardTask};
-pub use sink::{LogSink, SinkError};
+pub use sink::{LogSink, SinkBatch, SinkError};
 pub use socket::{SocketBackend, SocketConfig};

@@ -30,7 +30,7 @@ use crate::backend::{Backend, BackendError, Peer};
 use crate::counters::{BatchCounts, ShardCounters};
 use crate::flow::{Admission, FlowKey, FlowTable};
 use crate::idle::{IdleAction, IdleStrategy, Idler};
-use crate::sink::{LogSink, SinkError};
+use crate::sink::{LogSink, SinkBatch, SinkError};
 
 /// Control commands drained per cycle (keeps a flood of commands from starving traffic).
 pub const COMMANDS_PER_CYCLE: usize = 16;
@@ -90,31 +90,19 @@ struct Rejection {
     detail: u32,
 }
 
-/// The open storage batch: one flow's consecutive frames.
-#[derive(Debug, Clone, Copy)]
-struct OpenBatch {
-    key: FlowKey,
-    first_sequence: u64,
-    last_sequence: u64,
-    last_offset: u64,
-    last_timestamp_ns: u64,
-}
-
-/// Everything the receive path touches, apart from the backend.
-struct Ingest<S> {
-    shard: u32,
-    sink: S,
+/// Everything the receive path touches apart from the backend and the log,
+/// kept apart so it can be used while a storage batch borrows the log.
+struct Book {
     flows: FlowTable,
     window: u64,
     now_ns: u64,
-    open: Option<OpenBatch>,
     /// Flows that need their ACK state looked at (listed once each).
     dirty: Vec<FlowKey>,
     rejections: Vec<Rejection>,
     counts: BatchCounts,
 }
 
-impl<S: LogSink> Ingest<S> {
+impl Book {
     fn reject(&mut self, rejection: Rejection) {
         self.counts.error(rejection.code);
         if self.rejections.len() < ERROR_REPLIES_MAX {
@@ -122,6 +110,17 @@ impl<S: LogSink> Ingest<S> {
         } else {
             self.counts.replies_dropped += 1;
         }
+    }
+
+    fn reject_frame(&mut self, frame: &Frame<'_>, peer: &Peer, code: ErrorCode, detail: u32) {
+        self.reject(Rejection {
+            peer: *peer,
+            stream_id: frame.stream_id(),
+            producer_id: frame.producer_id(),
+            sequence: frame.sequence(),
+            code,
+            detail,
+        });
     }
 
     fn mark_dirty(&mut self, key: FlowKey) {
@@ -133,197 +132,180 @@ impl<S: LogSink> Ingest<S> {
         }
     }
 
-    /// Close the open storage batch and record its ACK point on the flow.
-    fn commit_open(&mut self) {
-        let Some(open) = self.open.take() else { return };
-        match self.sink.commit() {
-            Ok(end_position) => {
-                if let Some(flow) = self.flows.get_mut(open.key) {
-                    flow.batch_committed(
-                        open.last_sequence,
-                        open.last_offset,
-                        open.last_timestamp_ns,
-                        end_position,
-                    );
-                }
-                self.mark_dirty(open.key);
-            }
-            Err(err) => {
-                // A failed commit discards the whole batch (LogSink contract):
-                // rewind the flow so the producer's retransmits are appended.
-                let peer = self.flows.get_mut(open.key).map(|flow| {
-                    flow.expected = open.first_sequence;
-                    flow.peer
-                });
-                if let Some(peer) = peer {
-                    self.reject(Rejection {
-                        peer,
-                        stream_id: open.key.stream_id,
-                        producer_id: open.key.producer_id,
-                        sequence: open.last_sequence,
-                        code: sink_error_code(&err),
-                        detail: 0,
-                    });
-                }
-            }
-        }
-    }
-
-    fn on_datagram(&mut self, bytes: &[u8], peer: &Peer) {
-        self.counts.datagrams += 1;
-        for frame in Datagram::new(bytes).frames() {
-            match frame {
-                Ok(frame) => match frame.kind() {
-                    FrameKind::Data => self.on_data(&frame, peer),
-                    FrameKind::Heartbeat => self.on_heartbeat(&frame, peer),
-                    FrameKind::Ack | FrameKind::Error => self.reject(Rejection {
-                        peer: *peer,
-                        stream_id: frame.stream_id(),
-                        producer_id: frame.producer_id(),
-                        sequence: frame.sequence(),
-                        code: ErrorCode::UnexpectedKind,
-                        detail: frame.kind() as u32,
-                    }),
-                },
-                Err(err) => self.reject(Rejection {
-                    peer: *peer,
-                    stream_id: 0,
-                    producer_id: 0,
-                    sequence: 0,
-                    code: err.code(),
-                    detail: err.offset() as u32,
-                }),
-            }
-        }
-        // A batch never spans datagrams: the next datagram may come from
-        // another peer, and an ACK point needs a committed position.
-        self.commit_open();
-    }
-
-    fn on_data(&mut self, frame: &Frame<'_>, peer: &Peer) {
-        let key = FlowKey {
-            producer_id: frame.producer_id(),
-            stream_id: frame.stream_id(),
-        };
-        let sequence = frame.sequence();
-        let rejection = |code, detail| Rejection {
-            peer: *peer,
-            stream_id: key.stream_id,
-            producer_id: key.producer_id,
-            sequence,
-            code,
-            detail,
-        };
+    /// Decide on a DATA frame of a stream that exists at `level`: true when
+    /// it is the next sequence and must be appended; otherwise the duplicate,
+    /// gap or rejection is recorded here.
+    fn admit(&mut self, frame: &Frame<'_>, peer: &Peer, level: DurabilityLevel) -> bool {
+        let key = flow_key(frame);
         if frame.flags() & flags::RETRANSMIT != 0 {
             self.counts.retransmits_seen += 1;
         }
-        if self.open.is_some_and(|open| open.key != key) {
-            self.commit_open();
-        }
-        let level = if self.open.is_some() {
-            None // the flow exists and its stream was checked when the batch opened
-        } else {
-            match self.sink.stream_level(key.stream_id) {
-                Some(level) => Some(level),
-                None => {
-                    self.reject(rejection(ErrorCode::UnknownStream, 0));
-                    return;
-                }
-            }
-        };
-        let flow = match self
-            .flows
-            .get_or_insert(key, *peer, level.unwrap_or_default())
-        {
+        let flow = match self.flows.get_or_insert(key, *peer, level) {
             Ok(flow) => flow,
-            Err(_) => {
-                self.reject(rejection(ErrorCode::StorageError, 0));
-                return;
+            Err(full) => {
+                let detail = u32::try_from(full.max_flows).unwrap_or(u32::MAX);
+                self.reject_frame(frame, peer, ErrorCode::StorageError, detail);
+                return false;
             }
         };
         flow.peer = *peer;
-        if let Some(level) = level {
-            flow.level = level;
-        }
-        match flow.admit(sequence, self.window) {
-            Admission::Append => {}
+        flow.level = level;
+        match flow.admit(frame.sequence(), self.window) {
+            Admission::Append => return true,
             Admission::Duplicate => {
                 self.counts.duplicates += 1;
                 flow.ack_due = true;
-                self.mark_dirty(key);
-                return;
             }
             Admission::Gap { .. } => {
                 self.counts.gaps += 1;
                 flow.ack_due = true;
-                self.mark_dirty(key);
-                return;
             }
             Admission::OutOfWindow { limit } => {
                 let detail = u32::try_from(limit.saturating_sub(flow.acked)).unwrap_or(u32::MAX);
-                self.reject(rejection(ErrorCode::OutOfWindow, detail));
-                return;
+                self.reject_frame(frame, peer, ErrorCode::OutOfWindow, detail);
+                return false;
             }
         }
-        if self.open.is_none() {
-            if let Err(err) = self.sink.begin(key.stream_id, self.now_ns) {
-                self.reject(rejection(sink_error_code(&err), 0));
-                return;
-            }
-            self.open = Some(OpenBatch {
-                key,
-                first_sequence: sequence,
-                last_sequence: 0,
-                last_offset: 0,
-                last_timestamp_ns: 0,
-            });
-        }
-        match self.sink.push(frame.as_bytes()) {
-            Ok(offset) => {
-                if let Some(flow) = self.flows.get_mut(key) {
-                    flow.accept(sequence);
-                }
-                if let Some(open) = self.open.as_mut() {
-                    open.last_sequence = sequence;
-                    open.last_offset = offset;
-                    open.last_timestamp_ns = frame.timestamp_ns();
-                }
-                self.counts.frames_appended += 1;
-                self.counts.bytes_appended += frame.len() as u64;
-            }
-            Err(err) => {
-                self.commit_open();
-                self.reject(rejection(sink_error_code(&err), 0));
-            }
-        }
+        self.mark_dirty(key);
+        false
     }
 
-    fn on_heartbeat(&mut self, frame: &Frame<'_>, peer: &Peer) {
+    fn on_heartbeat(&mut self, frame: &Frame<'_>, peer: &Peer, level: Option<DurabilityLevel>) {
         self.counts.heartbeats += 1;
-        let key = FlowKey {
-            producer_id: frame.producer_id(),
-            stream_id: frame.stream_id(),
-        };
-        if self.open.is_some_and(|open| open.key == key) {
-            self.commit_open();
-        }
-        let Some(level) = self.sink.stream_level(key.stream_id) else {
-            self.reject(Rejection {
-                peer: *peer,
-                stream_id: key.stream_id,
-                producer_id: key.producer_id,
-                sequence: frame.sequence(),
-                code: ErrorCode::UnknownStream,
-                detail: 0,
-            });
+        let Some(level) = level else {
+            self.reject_frame(frame, peer, ErrorCode::UnknownStream, 0);
             return;
         };
+        let key = flow_key(frame);
         if let Ok(flow) = self.flows.get_or_insert(key, *peer, level) {
             flow.peer = *peer;
             if flow.heartbeat(frame.sequence()) {
                 self.counts.flow_resyncs += 1;
             }
             self.mark_dirty(key);
+        }
+    }
+}
+
+fn flow_key(frame: &Frame<'_>) -> FlowKey {
+    FlowKey {
+        producer_id: frame.producer_id(),
+        stream_id: frame.stream_id(),
+    }
+}
+
+/// The log and the bookkeeping of the receive path.
+struct Ingest<S> {
+    shard: u32,
+    sink: S,
+    book: Book,
+}
+
+impl<S: LogSink> Ingest<S> {
+    fn on_datagram(&mut self, bytes: &[u8], peer: &Peer) {
+        let book = &mut self.book;
+        let sink = &mut self.sink;
+        book.counts.datagrams += 1;
+        let mut frames = Datagram::new(bytes).frames().peekable();
+        while let Some(result) = frames.next() {
+            let frame = match result {
+                Ok(frame) => frame,
+                Err(err) => {
+                    // The rest of the datagram has no known length: iteration ends here.
+                    book.reject(Rejection {
+                        peer: *peer,
+                        stream_id: 0,
+                        producer_id: 0,
+                        sequence: 0,
+                        code: err.code(),
+                        detail: err.offset() as u32,
+                    });
+                    continue;
+                }
+            };
+            match frame.kind() {
+                FrameKind::Data => {}
+                FrameKind::Heartbeat => {
+                    book.on_heartbeat(&frame, peer, sink.stream_level(frame.stream_id()));
+                    continue;
+                }
+                FrameKind::Ack | FrameKind::Error => {
+                    book.reject_frame(&frame, peer, ErrorCode::UnexpectedKind, frame.kind() as u32);
+                    continue;
+                }
+            }
+            let Some(level) = sink.stream_level(frame.stream_id()) else {
+                book.reject_frame(&frame, peer, ErrorCode::UnknownStream, 0);
+                continue;
+            };
+            if !book.admit(&frame, peer, level) {
+                continue;
+            }
+            // One storage batch per run of consecutive frames of one flow.
+            let key = flow_key(&frame);
+            let mut batch = match sink.begin(key.stream_id, book.now_ns) {
+                Ok(batch) => batch,
+                Err(err) => {
+                    book.reject_frame(&frame, peer, sink_error_code(&err), 0);
+                    continue;
+                }
+            };
+            let first_sequence = frame.sequence();
+            let mut last: Option<(u64, u64, u64)> = None;
+            let mut current = frame;
+            loop {
+                match batch.push(current.as_bytes()) {
+                    Ok(offset) => {
+                        if let Some(flow) = book.flows.get_mut(key) {
+                            flow.accept(current.sequence());
+                        }
+                        last = Some((current.sequence(), offset, current.timestamp_ns()));
+                        book.counts.frames_appended += 1;
+                        book.counts.bytes_appended += current.len() as u64;
+                    }
+                    Err(err) => {
+                        book.reject_frame(&current, peer, sink_error_code(&err), 0);
+                        break;
+                    }
+                }
+                let next = match frames.peek() {
+                    Some(Ok(next)) if next.kind() == FrameKind::Data && flow_key(next) == key => {
+                        *next
+                    }
+                    _ => break,
+                };
+                frames.next();
+                if !book.admit(&next, peer, level) {
+                    break;
+                }
+                current = next;
+            }
+            let Some((sequence, offset, timestamp_ns)) = last else {
+                continue; // nothing pushed: the batch is dropped, which discards it
+            };
+            match batch.commit() {
+                Ok(end_position) => {
+                    if let Some(flow) = book.flows.get_mut(key) {
+                        flow.batch_committed(sequence, offset, timestamp_ns, end_position);
+                    }
+                    book.mark_dirty(key);
+                }
+                Err(err) => {
+                    // A failed commit discards the whole batch: rewind the
+                    // flow so the producer's retransmits are appended.
+                    if let Some(flow) = book.flows.get_mut(key) {
+                        flow.expected = first_sequence;
+                    }
+                    book.reject(Rejection {
+                        peer: *peer,
+                        stream_id: key.stream_id,
+                        producer_id: key.producer_id,
+                        sequence,
+                        code: sink_error_code(&err),
+                        detail: 0,
+                    });
+                }
+            }
         }
     }
 }
@@ -379,13 +361,14 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
             ingest: Ingest {
                 shard,
                 sink,
-                flows,
-                window: u64::from(config.credit_window.max(1)),
-                now_ns: 0,
-                open: None,
-                dirty: Vec::with_capacity(config.initial_flows),
-                rejections: Vec::with_capacity(ERROR_REPLIES_MAX),
-                counts: BatchCounts::default(),
+                book: Book {
+                    flows,
+                    window: u64::from(config.credit_window.max(1)),
+                    now_ns: 0,
+                    dirty: Vec::with_capacity(config.initial_flows),
+                    rejections: Vec::with_capacity(ERROR_REPLIES_MAX),
+                    counts: BatchCounts::default(),
+                },
             },
             idler: Idler::new(config.idle),
             commands,
@@ -432,7 +415,7 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
         let shard = self.ingest.shard;
         let backend_error = |source| ShardError::Backend { shard, source };
         let now = Instant::now();
-        self.ingest.now_ns = SystemTime::now()
+        self.ingest.book.now_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let mut worked = self.run_commands();
@@ -446,13 +429,13 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
 
         worked |= self.queue_replies()?;
         self.backend.flush_tx().map_err(backend_error)?;
-        self.counters.publish(&mut self.ingest.counts);
+        self.counters.publish(&mut self.ingest.book.counts);
 
         if now >= self.next_housekeeping {
             self.next_housekeeping = now + Duration::from_secs(1);
             // Retention failures are reported by the sink's own counters; the
             // loop keeps serving.
-            let _ = self.ingest.sink.housekeeping(self.ingest.now_ns);
+            let _ = self.ingest.sink.housekeeping(self.ingest.book.now_ns);
         }
         Ok(worked)
     }
@@ -462,7 +445,7 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
         for _ in 0..COMMANDS_PER_CYCLE {
             match self.commands.try_recv() {
                 Ok(task) => {
-                    task(&mut self.ingest.sink, &mut self.ingest.flows);
+                    task(&mut self.ingest.sink, &mut self.ingest.book.flows);
                     ran = true;
                 }
                 Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
@@ -476,8 +459,8 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
     fn queue_replies(&mut self) -> Result<bool, ShardError> {
         let shard = self.ingest.shard;
         let mut queued = false;
-        let ingest = &mut self.ingest;
-        let positions = DurabilityLevel::ALL.map(|level| ingest.sink.durable_position(level));
+        let positions = DurabilityLevel::ALL.map(|level| self.ingest.sink.durable_position(level));
+        let ingest = &mut self.ingest.book;
         let window = u32::try_from(ingest.window).unwrap_or(u32::MAX);
         // Flows touched this cycle first, then flows still waiting from before.
         self.waiting.append(&mut ingest.dirty);
@@ -561,7 +544,7 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
 
     /// The flow table, for inspection in tests.
     pub fn flows(&self) -> &FlowTable {
-        &self.ingest.flows
+        &self.ingest.book.flows
     }
 }
 
@@ -578,40 +561,56 @@ mod tests {
     struct MemorySink {
         streams: HashMap<u32, (DurabilityLevel, u64)>,
         records: Vec<(u32, u64, Vec<u8>)>,
-        open: Option<(u32, usize)>,
         position: u64,
         durable: u64,
         fail_pushes_after: Option<usize>,
     }
 
-    impl LogSink for MemorySink {
-        fn stream_level(&self, stream_id: u32) -> Option<DurabilityLevel> {
-            self.streams.get(&stream_id).map(|s| s.0)
-        }
-        fn begin(&mut self, stream_id: u32, _now_ns: u64) -> Result<(), SinkError> {
-            self.open = Some((stream_id, self.records.len()));
-            Ok(())
-        }
+    struct MemoryBatch<'a> {
+        sink: &'a mut MemorySink,
+        stream_id: u32,
+        pending: Vec<Vec<u8>>,
+    }
+
+    impl SinkBatch for MemoryBatch<'_> {
         fn push(&mut self, frame: &[u8]) -> Result<u64, SinkError> {
-            if self
-                .fail_pushes_after
-                .is_some_and(|n| self.records.len() >= n)
-            {
+            let stored = self.sink.records.len() + self.pending.len();
+            if self.sink.fail_pushes_after.is_some_and(|n| stored >= n) {
                 return Err(SinkError::Full {
                     detail: "test".into(),
                 });
             }
-            let (stream_id, _) = self.open.expect("push inside a batch");
-            let stream = self.streams.get_mut(&stream_id).expect("stream exists");
-            let offset = stream.1;
-            stream.1 += 1;
-            self.records.push((stream_id, offset, frame.to_vec()));
-            self.position += frame.len() as u64;
-            Ok(offset)
+            self.pending.push(frame.to_vec());
+            Ok(self.sink.streams[&self.stream_id].1 + self.pending.len() as u64 - 1)
         }
-        fn commit(&mut self) -> Result<u64, SinkError> {
-            self.open = None;
-            Ok(self.position)
+
+        fn commit(self) -> Result<u64, SinkError> {
+            let stream = self
+                .sink
+                .streams
+                .get_mut(&self.stream_id)
+                .expect("stream exists");
+            for frame in self.pending {
+                self.sink.position += frame.len() as u64;
+                self.sink.records.push((self.stream_id, stream.1, frame));
+                stream.1 += 1;
+            }
+            Ok(self.sink.position)
+        }
+    }
+
+    impl LogSink for MemorySink {
+        type Batch<'a> = MemoryBatch<'a>;
+
+        fn stream_level(&self, stream_id: u32) -> Option<DurabilityLevel> {
+            self.streams.get(&stream_id).map(|s| s.0)
+        }
+        fn begin(&mut self, stream_id: u32, _now_ns: u64) -> Result<MemoryBatch<'_>, SinkError> {
+            Ok(MemoryBatch {
+                sink: self,
+                stream_id,
+                pending: Vec::new(),
+            })
         }
         fn durable_position(&self, level: DurabilityLevel) -> u64 {
             if level == DurabilityLevel::Memory {

@@ -29,29 +29,37 @@ pub enum SinkError {
 
 /// The appending side of a shard's log, owned by the shard's thread.
 ///
-/// Call order per batch: [`LogSink::begin`], [`LogSink::push`] one or more
-/// times, [`LogSink::commit`]. No call may allocate, lock or make a system
-/// call in the common case (a segment roll may).
+/// Per batch: [`LogSink::begin`], [`SinkBatch::push`] one or more times,
+/// [`SinkBatch::commit`]; dropping a batch discards it. No call may
+/// allocate, lock or make a system call in the common case (a segment roll may).
 pub trait LogSink {
+    /// A batch being appended; it borrows the log until committed or dropped.
+    type Batch<'a>: SinkBatch
+    where
+        Self: 'a;
+
     /// The durability level of a stream, `None` when it does not exist.
     fn stream_level(&self, stream_id: u32) -> Option<DurabilityLevel>;
 
     /// Open a batch for `stream_id` at broker time `now_ns`.
-    fn begin(&mut self, stream_id: u32, now_ns: u64) -> Result<(), SinkError>;
-
-    /// Append one validated frame (header and payload as received) to the
-    /// open batch; returns the stream offset it got. On error the frame is
-    /// not in the batch; frames pushed before it still are.
-    fn push(&mut self, frame: &[u8]) -> Result<u64, SinkError>;
-
-    /// Close the open batch; returns the log position it ends at (ack it at
-    /// a level once `durable_position(level)` reaches that). On error the
-    /// whole batch is discarded: none of its frames become visible.
-    fn commit(&mut self) -> Result<u64, SinkError>;
+    fn begin(&mut self, stream_id: u32, now_ns: u64) -> Result<Self::Batch<'_>, SinkError>;
 
     /// The log position durable at `level`.
     fn durable_position(&self, level: DurabilityLevel) -> u64;
 
     /// Periodic housekeeping (retention) at broker time `now_ns`; called about once a second.
     fn housekeeping(&mut self, now_ns: u64) -> Result<(), SinkError>;
+}
+
+/// A batch of one stream's frames being appended.
+pub trait SinkBatch {
+    /// Append one validated frame (header and payload as received); returns
+    /// the stream offset it gets. On error the frame is not in the batch;
+    /// frames pushed before it still are.
+    fn push(&mut self, frame: &[u8]) -> Result<u64, SinkError>;
+
+    /// Publish the batch; returns the log position it ends at (acknowledge it
+    /// at a level once `durable_position(level)` reaches that). On error the
+    /// whole batch is discarded: none of its frames become visible.
+    fn commit(self) -> Result<u64, SinkError>;
 }
