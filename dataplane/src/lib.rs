@@ -6,6 +6,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod af_xdp;
 pub mod backend;
 
 pub use backend::{Backend, BackendError, BackendStats, LinkPeer, Peer};

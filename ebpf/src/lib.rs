@@ -289,6 +289,15 @@ pub enum XdpError {
         #[source]
         source: libbpf_rs::Error,
     },
+    /// Asking the kernel about the interface's XDP state failed.
+    #[error("querying the XDP state of interface index {ifindex} failed: {source}")]
+    Query {
+        /// The interface.
+        ifindex: u32,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
     /// BPF_PROG_TEST_RUN failed.
     #[error("BPF_PROG_TEST_RUN failed: {source}")]
     TestRun {
@@ -315,10 +324,7 @@ pub fn ifindex(interface: &str) -> Result<u32, XdpError> {
     }
 }
 
-/// The id of the XDP program attached to `ifindex` in any mode, if there is one.
-///
-/// Used to check that no program is left behind after a shutdown or a crash.
-pub fn attached_program_id(ifindex: u32) -> Result<Option<u32>, XdpError> {
+fn xdp_query(ifindex: u32) -> Result<libbpf_rs::libbpf_sys::bpf_xdp_query_opts, XdpError> {
     let mut opts = libbpf_rs::libbpf_sys::bpf_xdp_query_opts {
         sz: size_of::<libbpf_rs::libbpf_sys::bpf_xdp_query_opts>() as _,
         ..Default::default()
@@ -328,13 +334,29 @@ pub fn attached_program_id(ifindex: u32) -> Result<Option<u32>, XdpError> {
     #[allow(unsafe_code)]
     let ret = unsafe { libbpf_rs::libbpf_sys::bpf_xdp_query(ifindex as i32, 0, &mut opts) };
     if ret < 0 {
-        return Err(XdpError::Attach {
+        return Err(XdpError::Query {
             ifindex,
-            mode: AttachedMode::Native,
             source: io::Error::from_raw_os_error(-ret),
         });
     }
+    Ok(opts)
+}
+
+/// The id of the XDP program attached to `ifindex` in any mode, if there is one.
+///
+/// Used to check that no program is left behind after a shutdown or a crash.
+pub fn attached_program_id(ifindex: u32) -> Result<Option<u32>, XdpError> {
+    let opts = xdp_query(ifindex)?;
     Ok((opts.prog_id != 0).then_some(opts.prog_id))
+}
+
+/// `NETDEV_XDP_ACT_XSK_ZEROCOPY`: the driver supports zero-copy AF_XDP sockets.
+pub const XDP_FEATURE_XSK_ZEROCOPY: u64 = 1 << 3;
+
+/// The XDP features (`NETDEV_XDP_ACT_*` bits) the driver of `ifindex`
+/// advertises; 0 on kernels older than 6.3, which do not report them.
+pub fn xdp_features(ifindex: u32) -> Result<u64, XdpError> {
+    Ok(xdp_query(ifindex)?.feature_flags)
 }
 
 /// The XDP program, loaded into the kernel but not attached anywhere yet.
