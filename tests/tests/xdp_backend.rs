@@ -619,6 +619,10 @@ fn xdp_backend_child_holds_the_program() {
         interface,
         data_port: DATA_PORT,
         hugepages: HugePages::Off,
+        // `ip netns exec` remounted /sys for the namespace, so the backend
+        // can set the device's busy-poll knobs itself.
+        napi_defer_hard_irqs: Some(2),
+        gro_flush_timeout_ns: Some(200_000),
         ..AfXdpConfig::default()
     };
     let (_backends, info) = AfXdpBackend::open(&config).expect("child: opening the backend");
@@ -671,6 +675,18 @@ fn xdp_backend_no_program_left_after_sigkill() {
     let if_b = pair.if_b.clone();
     let ifindex = pair.in_ns(&pair.ns_b, move || kaelix_ebpf::ifindex(&if_b).unwrap());
     let attached = pair.in_ns(&pair.ns_b, move || attached_program_id(ifindex).unwrap());
+    let knobs = pair.sh(
+        &pair.ns_b,
+        &format!(
+            "cat /sys/class/net/{0}/napi_defer_hard_irqs /sys/class/net/{0}/gro_flush_timeout",
+            pair.if_b
+        ),
+    );
+    assert_eq!(
+        knobs.split_whitespace().collect::<Vec<_>>(),
+        ["2", "200000"],
+        "device knobs written by the backend"
+    );
     assert!(
         attached.is_some(),
         "the child's program is attached: {}",
@@ -681,4 +697,62 @@ fn xdp_backend_no_program_left_after_sigkill() {
     let status = child.wait().expect("reaping the child");
     assert!(!status.success(), "killed, not exited: {status:?}");
     assert_no_program_left(&pair, ifindex);
+}
+
+const UNPRIVILEGED_ENV: &str = "KAELIX_XDP_UNPRIVILEGED_CHILD";
+
+/// Helper for `xdp_backend_without_privilege_is_reported_as_unavailable`, run
+/// in a child process with no capabilities: opening must fail as unavailable.
+#[test]
+#[ignore = "helper: started without privileges by xdp_backend_without_privilege_is_reported_as_unavailable"]
+fn xdp_backend_unprivileged_child_open() {
+    assert!(
+        std::env::var(UNPRIVILEGED_ENV).is_ok(),
+        "run only by xdp_backend_without_privilege_is_reported_as_unavailable"
+    );
+    let config = AfXdpConfig {
+        interface: "lo".into(),
+        ..AfXdpConfig::default()
+    };
+    let err = AfXdpBackend::open(&config).expect_err("no privilege, no XDP");
+    assert!(err.is_unavailable(), "{err}");
+    println!("UNAVAILABLE {err}");
+}
+
+#[test]
+fn xdp_backend_without_privilege_is_reported_as_unavailable() {
+    if !require_root("xdp_backend_without_privilege_is_reported_as_unavailable") {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary path");
+    let output = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .arg(exe)
+        .args([
+            "--exact",
+            "xdp_backend_unprivileged_child_open",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(UNPRIVILEGED_ENV, "1")
+        .output()
+        .expect("running setpriv");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "unprivileged child failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("UNAVAILABLE"), "{stdout}");
+    assert!(
+        stdout.contains("CAP_BPF"),
+        "the error says what to grant: {stdout}"
+    );
 }

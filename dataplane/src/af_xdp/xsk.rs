@@ -219,6 +219,9 @@ impl AfXdpBackend {
     pub fn open(config: &AfXdpConfig) -> Result<(Vec<AfXdpBackend>, AfXdpInfo), AfXdpError> {
         config.validate()?;
         let netdev = NetDev::query(&config.interface)?;
+        // Before any other check: without privilege this is the step that
+        // says so, and the broker falls back to sockets on that answer.
+        let program = XdpProgram::load(config.data_port)?;
         let queues: Vec<u32> = match &config.queues {
             Some(queues) => {
                 if let Some(&queue) = queues.iter().find(|&&q| q >= netdev.rx_queues) {
@@ -249,8 +252,6 @@ impl AfXdpBackend {
         if let Some(value) = config.gro_flush_timeout_ns {
             netdev.write_knob("gro_flush_timeout", value)?;
         }
-
-        let program = XdpProgram::load(config.data_port)?;
         let attachment = program.attach(netdev.ifindex, config.xdp_mode.into())?;
         let xdp = Arc::new(XdpHandle {
             program,
