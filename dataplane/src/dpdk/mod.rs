@@ -236,8 +236,10 @@ pub enum DpdkError {
     },
     /// The EAL started but the requested port does not exist.
     #[error(
-        "no DPDK port {wanted}: the EAL found {available} port(s) {names:?}; add a device to eal_args \
-         (--vdev=net_af_packet0,iface=<if>, or -a <PCI address> of a NIC bound to vfio-pci)"
+        "no DPDK port {wanted}: the EAL found {available} port(s) {names:?} for the devices {devices:?}; \
+         a device that failed to probe is logged above (`vdev_probe(): failed to initialize ...`: \
+         check iface=<name> exists in this network namespace); add devices to eal_args with \
+         --vdev=net_af_packet0,iface=<if> or -a <PCI address of a NIC bound to vfio-pci>"
     )]
     NoPort {
         /// The port asked for (name or id).
@@ -246,6 +248,8 @@ pub enum DpdkError {
         available: u16,
         /// Their device names.
         names: Vec<String>,
+        /// The device arguments given to the EAL (`--vdev`, `-a`).
+        devices: Vec<String>,
     },
     /// An ethdev call on the port failed.
     #[error("dpdk port {port_id}: {operation} failed: {message} ({code})")]

@@ -281,8 +281,20 @@ fn find_port(config: &DpdkConfig) -> Result<u16, DpdkError> {
             .filter(|&id| unsafe { sys::rte_eth_dev_is_valid_port(id) } == 1)
             .filter_map(port_name)
             .collect();
+        let mut devices = Vec::new();
+        let mut args = config.eal_args.iter();
+        while let Some(arg) = args.next() {
+            if arg.starts_with("--vdev") || arg.starts_with("--allow") || arg.starts_with("-a") {
+                if arg.contains('=') || (arg.starts_with("-a") && arg.len() > 2) {
+                    devices.push(arg.clone());
+                } else if let Some(value) = args.next() {
+                    devices.push(format!("{arg} {value}"));
+                }
+            }
+        }
         DpdkError::NoPort {
             wanted,
+            devices,
             // SAFETY: no preconditions beyond a running EAL.
             available: unsafe { sys::rte_eth_dev_count_avail() },
             names,

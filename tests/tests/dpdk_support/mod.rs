@@ -1,0 +1,494 @@
+//! Shared by the `dpdk_*` tests.
+//!
+//! DPDK's EAL starts once per process and cannot be restarted, so every test
+//! that starts it runs its DPDK side in a child process: this test binary
+//! run again with `--exact <test>` and [`ROLE_ENV`] set, optionally inside a
+//! network namespace (`ip netns exec`). The child prints `KX key=value ...`
+//! lines on stdout; the parent reads them with [`Child::report`] and asserts.
+//!
+//! Producer and receiver here speak the kaelix protocol the way the client
+//! and the broker do: DATA frames with consecutive sequences, cumulative
+//! ACKs with a credit window, HEARTBEATs to ask for the current ACK state.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use kaelix_dataplane::{Backend, Peer};
+use kaelix_protocol::{
+    AckBody, Datagram, DatagramBuilder, DurabilityLevel, FrameFields, FrameKind,
+};
+
+/// Environment variable naming the role of a child process.
+pub const ROLE_ENV: &str = "KX_DPDK_ROLE";
+/// Stream and producer of the test traffic.
+pub const STREAM_ID: u32 = 1;
+/// Producer id of the test traffic.
+pub const PRODUCER_ID: u32 = 7;
+/// Bytes of payload per DATA frame.
+pub const PAYLOAD_LEN: usize = 24;
+
+/// The role this process was started in, if it is a child.
+pub fn child_role() -> Option<String> {
+    std::env::var(ROLE_ENV).ok()
+}
+
+/// A required environment variable of a child, parsed.
+pub fn env<T: std::str::FromStr>(name: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    let value = std::env::var(name).unwrap_or_else(|_| panic!("child needs {name}"));
+    value
+        .parse()
+        .unwrap_or_else(|err| panic!("{name}={value}: {err:?}"))
+}
+
+/// Print one report line for the parent. The first pair must be `event`.
+pub fn report(pairs: &[(&str, String)]) {
+    assert_eq!(pairs.first().map(|(key, _)| *key), Some("event"));
+    let line: Vec<String> = pairs
+        .iter()
+        .map(|(key, value)| format!("{key}={value}"))
+        .collect();
+    println!("KX {}", line.join(" "));
+}
+
+/// Serialises the DPDK tests of one binary: two EALs (and two traffic
+/// generators) at once on a two-core machine measure nothing and race for
+/// /var/run/dpdk.
+pub fn dpdk_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A child process running one role of `test`; killed when dropped.
+#[derive(Debug)]
+pub struct Child {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Everything the child printed so far (for failure messages).
+    pub output: Vec<String>,
+    reports: Vec<HashMap<String, String>>,
+}
+
+impl Child {
+    /// Run this test binary's `test` with `role`, inside `netns` when given,
+    /// with extra environment `envs`.
+    pub fn spawn(test: &str, role: &str, netns: Option<&str>, envs: &[(&str, String)]) -> Self {
+        let exe = std::env::current_exe().expect("test binary path");
+        let mut command = match netns {
+            Some(ns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", ns]).arg(&exe);
+                command
+            }
+            None => Command::new(&exe),
+        };
+        command
+            .args([
+                "--exact",
+                test,
+                "--nocapture",
+                "--include-ignored",
+                "--test-threads=1",
+            ])
+            .env(ROLE_ENV, role)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        let mut child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawning {command:?}: {err}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (sender, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if sender.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            output: Vec::new(),
+            reports: Vec::new(),
+        }
+    }
+
+    /// The process id of the child.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Wait up to `timeout` for a report line whose first key is `first_key`.
+    pub fn wait_report(&mut self, first_key: &str, timeout: Duration) -> HashMap<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self
+                .reports
+                .iter()
+                .position(|report| report.get("event").is_some_and(|event| event == first_key))
+            {
+                return self.reports.remove(found);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.take_line(line),
+                Err(_) => panic!(
+                    "child {} sent no `{first_key}` report within {timeout:?}; its output:\n{}",
+                    self.child.id(),
+                    self.output.join("\n")
+                ),
+            }
+        }
+    }
+
+    fn take_line(&mut self, line: String) {
+        // libtest may print "test <name> ... " in front of the child's first line.
+        if let Some(at) = line.find("KX event=") {
+            let rest = &line[at + 3..];
+            let report = rest
+                .split_whitespace()
+                .filter_map(|pair| pair.split_once('='))
+                .map(|(key, value)| (key.to_owned(), value.to_owned()))
+                .collect();
+            self.reports.push(report);
+        }
+        self.output.push(line);
+    }
+
+    /// Wait for the child to exit (killing it after `timeout`); panics when
+    /// it failed, with its output.
+    pub fn finish(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the child") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                break self.child.wait().expect("reaping the killed child");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The reader thread ends at EOF; collect what it has.
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            self.take_line(line);
+        }
+        assert!(
+            status.success(),
+            "child {} failed ({status}); its output:\n{}",
+            self.child.id(),
+            self.output.join("\n")
+        );
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A report value, parsed.
+pub fn get<T: std::str::FromStr>(report: &HashMap<String, String>, key: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    let value = report
+        .get(key)
+        .unwrap_or_else(|| panic!("report {report:?} has no {key}"));
+    value
+        .parse()
+        .unwrap_or_else(|err| panic!("{key}={value}: {err:?}"))
+}
+
+/// The payload of DATA frame `sequence`: derived from it, so the receiver
+/// can check it beyond the CRC.
+pub fn payload_of(sequence: u64) -> [u8; PAYLOAD_LEN] {
+    let mut payload = [0u8; PAYLOAD_LEN];
+    payload[..8].copy_from_slice(&sequence.to_le_bytes());
+    payload[8..16].copy_from_slice(&(!sequence).to_le_bytes());
+    payload[16..].copy_from_slice(&sequence.wrapping_mul(0x9e37_79b9_7f4a_7c15).to_le_bytes());
+    payload
+}
+
+/// What a receiver saw.
+#[derive(Debug, Clone, Default)]
+pub struct Received {
+    /// Valid DATA frames (with duplicates).
+    pub frames: u64,
+    /// DATA frames whose sequence was seen before.
+    pub duplicates: u64,
+    /// Frames that failed to parse (CRC, length) or carried the wrong payload.
+    pub bad: u64,
+    /// Datagrams delivered by the backend.
+    pub datagrams: u64,
+    /// Highest sequence up to which every frame arrived.
+    pub contiguous: u64,
+    /// ACK datagrams sent.
+    pub acks_sent: u64,
+    /// From the first to the last datagram.
+    pub elapsed: Duration,
+}
+
+/// Receive DATA frames `1..=expected` through `backend`, checking each
+/// frame's CRC (the protocol parser does) and payload and counting
+/// duplicates. With `ack_window`, answer every batch that made progress (and
+/// every HEARTBEAT) with a cumulative ACK granting that credit. Returns once
+/// every frame arrived and `linger` passed without traffic, or after `timeout`.
+pub fn receive<B: Backend>(
+    backend: &mut B,
+    expected: u64,
+    ack_window: Option<u32>,
+    linger: Duration,
+    timeout: Duration,
+) -> Received {
+    let mut seen = vec![false; usize::try_from(expected + 1).expect("fits memory")];
+    let mut got = Received::default();
+    let started = Instant::now();
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    let mut peer: Option<Peer> = None;
+    loop {
+        let mut heartbeat = false;
+        let before = got.contiguous;
+        let delivered = backend
+            .recv_batch(&mut |payload, from| {
+                got.datagrams += 1;
+                peer = Some(*from);
+                for frame in Datagram::new(payload).frames() {
+                    let Ok(frame) = frame else {
+                        got.bad += 1;
+                        continue;
+                    };
+                    match frame.kind() {
+                        FrameKind::Data => {
+                            let sequence = frame.sequence();
+                            let index = usize::try_from(sequence).unwrap_or(usize::MAX);
+                            if sequence == 0
+                                || index >= seen.len()
+                                || frame.payload() != payload_of(sequence)
+                            {
+                                got.bad += 1;
+                                continue;
+                            }
+                            got.frames += 1;
+                            if std::mem::replace(&mut seen[index], true) {
+                                got.duplicates += 1;
+                            }
+                        }
+                        FrameKind::Heartbeat => heartbeat = true,
+                        FrameKind::Ack | FrameKind::Error => got.bad += 1,
+                    }
+                }
+            })
+            .expect("recv_batch");
+        let now = Instant::now();
+        if delivered > 0 {
+            first.get_or_insert(now);
+            last = now;
+        }
+        while got.contiguous < expected && seen[usize::try_from(got.contiguous + 1).expect("fits")]
+        {
+            got.contiguous += 1;
+        }
+        if let (Some(window), Some(to)) = (ack_window, peer)
+            && (heartbeat || got.contiguous > before)
+        {
+            let contiguous = got.contiguous;
+            let queued = backend
+                .queue_tx(&to, &mut |buf| {
+                    let mut builder = DatagramBuilder::new(buf);
+                    builder
+                        .push_ack(
+                            STREAM_ID,
+                            PRODUCER_ID,
+                            contiguous,
+                            0,
+                            &AckBody::new(window, DurabilityLevel::Memory, u64::MAX),
+                        )
+                        .expect("an ACK fits any reply buffer");
+                    builder.len()
+                })
+                .expect("queue_tx");
+            if queued {
+                got.acks_sent += 1;
+            }
+            backend.flush_tx().expect("flush_tx");
+        }
+        let done = got.contiguous == expected && now.duration_since(last) >= linger;
+        if done || now.duration_since(started) >= timeout {
+            break;
+        }
+        if delivered == 0 {
+            std::hint::spin_loop();
+        }
+    }
+    got.elapsed = first.map_or(Duration::ZERO, |first| last.duration_since(first));
+    got
+}
+
+/// What a producer did.
+#[derive(Debug, Clone, Default)]
+pub struct Sent {
+    /// DATA frames sent.
+    pub frames: u64,
+    /// Datagrams sent.
+    pub datagrams: u64,
+    /// Highest sequence acknowledged.
+    pub acked: u64,
+    /// From the first DATA frame to the last ACK (windowed) or the last send (open loop).
+    pub elapsed: Duration,
+}
+
+fn ack_of(buf: &[u8]) -> Option<u64> {
+    Datagram::new(buf)
+        .frames()
+        .filter_map(Result::ok)
+        .filter(|frame| frame.kind() == FrameKind::Ack && frame.producer_id() == PRODUCER_ID)
+        .map(|frame| frame.sequence())
+        .max()
+}
+
+/// Send HEARTBEATs to `to` until something answers with an ACK (this also
+/// gets ARP resolved before any data is sent). Panics after `timeout`.
+pub fn wait_for_receiver(socket: &UdpSocket, to: SocketAddr, timeout: Duration) {
+    let mut buf = [0u8; 2048];
+    let mut heartbeat = [0u8; 64];
+    let fields = FrameFields {
+        kind: FrameKind::Heartbeat,
+        ..FrameFields::data(STREAM_ID, PRODUCER_ID, 0, 0)
+    };
+    let len = kaelix_protocol::encode_frame(&mut heartbeat, &fields, &[]).expect("heartbeat fits");
+    socket.set_nonblocking(true).expect("nonblocking socket");
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        socket
+            .send_to(&heartbeat[..len], to)
+            .expect("sending a heartbeat");
+        let wait_until = Instant::now() + Duration::from_millis(50);
+        while Instant::now() < wait_until {
+            match socket.recv_from(&mut buf) {
+                Ok((n, _)) if ack_of(&buf[..n]).is_some() => return,
+                Ok(_) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(err) => panic!("receiving from {to}: {err}"),
+            }
+        }
+    }
+    panic!("no ACK from {to} within {timeout:?}");
+}
+
+/// Send DATA frames `1..=count`, `per_datagram` to a datagram, keeping at
+/// most `window` frames beyond the acknowledged one in flight; returns when
+/// all are acknowledged. Panics when the ACKs stop advancing for `stall`.
+pub fn send_windowed(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    count: u64,
+    per_datagram: u64,
+    window: u64,
+    stall: Duration,
+) -> Sent {
+    socket.set_nonblocking(true).expect("nonblocking socket");
+    let mut out = vec![0u8; 65_536];
+    let mut buf = [0u8; 2048];
+    let mut sent = Sent::default();
+    let mut next = 1u64;
+    let started = Instant::now();
+    let mut progress = Instant::now();
+    while sent.acked < count {
+        if next <= count && next - 1 - sent.acked + per_datagram <= window {
+            let mut builder = DatagramBuilder::new(&mut out);
+            let last = (next + per_datagram - 1).min(count);
+            for sequence in next..=last {
+                builder
+                    .push_data(STREAM_ID, PRODUCER_ID, sequence, 0, &payload_of(sequence))
+                    .expect("frame fits");
+            }
+            socket
+                .send_to(builder.as_bytes(), to)
+                .expect("sending data");
+            sent.frames += last + 1 - next;
+            sent.datagrams += 1;
+            next = last + 1;
+            continue;
+        }
+        match socket.recv_from(&mut buf) {
+            Ok((n, _)) => {
+                if let Some(acked) = ack_of(&buf[..n])
+                    && acked > sent.acked
+                {
+                    sent.acked = acked;
+                    progress = Instant::now();
+                }
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(
+                    progress.elapsed() < stall,
+                    "ACKs stalled at {} with {} frames sent (nothing retransmits: a lost frame is a failure)",
+                    sent.acked,
+                    sent.frames
+                );
+                std::thread::yield_now();
+            }
+            Err(err) => panic!("receiving ACKs: {err}"),
+        }
+    }
+    sent.elapsed = started.elapsed();
+    sent
+}
+
+/// Send DATA frames as fast as the socket takes them for `duration`,
+/// `per_datagram` to a datagram, without waiting for ACKs.
+pub fn send_open_loop(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    per_datagram: u64,
+    duration: Duration,
+) -> Sent {
+    socket.set_nonblocking(false).expect("blocking socket");
+    let mut out = vec![0u8; 65_536];
+    let mut sent = Sent::default();
+    let mut next = 1u64;
+    let started = Instant::now();
+    while started.elapsed() < duration {
+        for _ in 0..64 {
+            let mut builder = DatagramBuilder::new(&mut out);
+            for sequence in next..next + per_datagram {
+                builder
+                    .push_data(STREAM_ID, PRODUCER_ID, sequence, 0, &payload_of(sequence))
+                    .expect("frame fits");
+            }
+            match socket.send_to(builder.as_bytes(), to) {
+                Ok(_) => {
+                    sent.frames += per_datagram;
+                    sent.datagrams += 1;
+                    next += per_datagram;
+                }
+                // The veth has no qdisc: a full peer backlog refuses the datagram.
+                Err(err)
+                    if err.kind() == std::io::ErrorKind::WouldBlock
+                        || err.raw_os_error() == Some(105) => {}
+                Err(err) => panic!("sending data: {err}"),
+            }
+        }
+    }
+    sent.elapsed = started.elapsed();
+    sent
+}
