@@ -1,9 +1,22 @@
-//! Broker configuration: a TOML file over embedded defaults, validated as a whole.
+//! Broker configuration: the schema, its validation, and which keys can
+//! change while the broker runs.
 //!
 //! Every key has a default (see `config/default.toml`, embedded in the
 //! binary), so an empty file is a valid configuration. Unknown keys are
 //! errors. [`Config::validate`] reports every problem at once, each naming
-//! the key, the value and what is allowed.
+//! the key, the value and what is allowed. Layering (file, then
+//! `KAELIX__SECTION__KEY` environment variables, then flags) and the source
+//! of each value live in [`crate::layers`].
+//!
+//! [`KEYS`] lists every key with [`Apply::Hot`] (applied to the running
+//! broker on reload) or [`Apply::Restart`] (reported as waiting for a
+//! restart); [`flatten`] and [`diff`] work on those keys.
+//!
+//! Validation is written out by hand rather than with garde: most fields
+//! are types of `kaelix-dataplane` (which would need garde derives of its
+//! own), and the rules that matter are across fields (retention against
+//! segment size, ports against shard count), which garde would run as
+//! custom functions anyway.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +44,18 @@ pub struct Config {
     /// Streams created at start (existing ones keep their data).
     #[serde(default)]
     pub streams: Vec<StreamSection>,
+    /// Logging.
+    #[serde(default)]
+    pub log: LogSection,
+    /// The gRPC admin API.
+    #[serde(default)]
+    pub admin: AdminSection,
+    /// The Prometheus endpoint.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    /// Reloading the file when it changes.
+    #[serde(default)]
+    pub reload: ReloadSection,
 }
 
 impl Default for Config {
@@ -91,6 +116,8 @@ pub struct DataplaneSection {
     pub shard: ShardConfig,
     /// Socket backend settings.
     pub socket: SocketConfig,
+    /// AF_XDP backend settings (`interface` is required with `backend = "af_xdp"`).
+    pub af_xdp: kaelix_dataplane::af_xdp::AfXdpConfig,
 }
 
 /// `[storage]`.
@@ -117,6 +144,93 @@ impl Default for StorageSection {
             retention_mib: None,
             retention_age_secs: None,
             shared: true,
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// Filter in `tracing` EnvFilter syntax (`info`, `warn,kaelix_controlplane=debug`).
+    pub level: String,
+    /// `human` or `json`.
+    pub format: LogFormat,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+            format: LogFormat::Human,
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// TCP address of the gRPC admin API.
+    pub addr: SocketAddr,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            addr: "127.0.0.1:7002".parse().expect("valid literal"),
+        }
+    }
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// Serve Prometheus text at `http://ADDR/metrics`.
+    pub enabled: bool,
+    /// TCP address of the endpoint.
+    pub addr: SocketAddr,
+    /// How often the counters of the shards and logs are sampled, in milliseconds.
+    pub sample_interval_ms: u64,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            addr: "127.0.0.1:7003".parse().expect("valid literal"),
+            sample_interval_ms: 1000,
+        }
+    }
+}
+
+/// `[reload]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReloadSection {
+    /// Reload the configuration file when it changes on disk.
+    pub watch: bool,
+    /// Changes closer together than this (an editor's save) count as one, in milliseconds.
+    pub debounce_ms: u64,
+}
+
+impl Default for ReloadSection {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            debounce_ms: 200,
         }
     }
 }
@@ -158,11 +272,27 @@ pub struct ConfigProblem {
     pub key: String,
     /// What is wrong and what is allowed.
     pub message: String,
+    /// Where the bad value came from (`file broker.toml`, `env KAELIX__BROKER__SHARDS`), when known.
+    pub origin: Option<String>,
+}
+
+impl ConfigProblem {
+    /// A problem with `key` of unknown origin.
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+            origin: None,
+        }
+    }
 }
 
 impl std::fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.key, self.message)
+        match &self.origin {
+            Some(origin) => write!(f, "{} (from {origin}): {}", self.key, self.message),
+            None => write!(f, "{}: {}", self.key, self.message),
+        }
     }
 }
 
@@ -195,14 +325,64 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Parse TOML text (over the defaults) and validate it.
+    /// Parse TOML text (over the defaults) and validate it. Unknown keys,
+    /// wrong types and out-of-range values are all reported together.
     pub fn from_toml(text: &str, origin: &Path) -> Result<Self, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+        let table: toml::Table = toml::from_str(text).map_err(|err| ConfigError::Parse {
             path: origin.to_path_buf(),
             message: err.to_string(),
         })?;
-        config.validate()?;
-        Ok(config)
+        let (config, mut problems) = Self::from_table(table);
+        if let Err(ConfigError::Invalid { problems: invalid }) = config.validate() {
+            problems.extend(invalid);
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid { problems })
+        }
+    }
+
+    /// Deserialize a table, collecting every unknown key and wrongly typed
+    /// value (each one dropped, so its default applies) instead of stopping
+    /// at the first. The result is not validated.
+    pub fn from_table(mut table: toml::Table) -> (Self, Vec<ConfigProblem>) {
+        let mut problems = Vec::new();
+        // `streams` is the only array: its entries are checked one by one so
+        // that every bad entry is reported under its own index.
+        let streams = match table.remove("streams") {
+            None => None,
+            Some(toml::Value::Array(entries)) => {
+                let mut streams = Vec::new();
+                for (index, entry) in entries.into_iter().enumerate() {
+                    let prefix = format!("streams[{index}]");
+                    let Some(stream) =
+                        deserialize_collecting::<StreamSection>(entry, &prefix, &mut problems)
+                    else {
+                        continue;
+                    };
+                    streams.push(stream);
+                }
+                Some(streams)
+            }
+            Some(other) => {
+                problems.push(ConfigProblem::new(
+                    "streams",
+                    format!(
+                        "expected an array of tables ([[streams]]), found {}",
+                        other.type_str()
+                    ),
+                ));
+                None
+            }
+        };
+        let mut config =
+            deserialize_collecting::<Config>(toml::Value::Table(table), "", &mut problems)
+                .unwrap_or_default();
+        if let Some(streams) = streams {
+            config.streams = streams;
+        }
+        (config, problems)
     }
 
     /// Read, parse and validate a file.
@@ -217,12 +397,8 @@ impl Config {
     /// Check every value; all problems are reported together.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut problems = Vec::new();
-        let mut problem = |key: &str, message: String| {
-            problems.push(ConfigProblem {
-                key: key.to_string(),
-                message,
-            })
-        };
+        let mut problem =
+            |key: &str, message: String| problems.push(ConfigProblem::new(key, message));
         let shards = self.broker.shards;
         if !(1..=64).contains(&shards) {
             problem(
@@ -248,7 +424,7 @@ impl Config {
             );
         }
         let segment = self.storage.segment_size_mib;
-        if segment < 2 || segment % 2 != 0 || segment > 4096 {
+        if segment < 2 || !segment.is_multiple_of(2) || segment > 4096 {
             problem(
                 "storage.segment_size_mib",
                 format!("{segment} is not allowed (an even number from 2 to 4096)"),
@@ -295,6 +471,45 @@ impl Config {
                     .into(),
             );
         }
+        if let Err(err) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            problem(
+                "log.level",
+                format!(
+                    "{:?} is not a log filter ({err}); allowed: error, warn, info, debug, trace, \
+                     or per-target directives like \"info,kaelix_controlplane=debug\"",
+                    self.log.level
+                ),
+            );
+        }
+        let sample = self.metrics.sample_interval_ms;
+        if !(10..=60_000).contains(&sample) {
+            problem(
+                "metrics.sample_interval_ms",
+                format!("{sample} is out of range (allowed: 10 to 60000)"),
+            );
+        }
+        let debounce = self.reload.debounce_ms;
+        if !(10..=60_000).contains(&debounce) {
+            problem(
+                "reload.debounce_ms",
+                format!("{debounce} is out of range (allowed: 10 to 60000)"),
+            );
+        }
+        let mut ports: Vec<(&str, SocketAddr)> = vec![
+            ("broker.fetch_addr", self.broker.fetch_addr),
+            ("admin.addr", self.admin.addr),
+        ];
+        if self.metrics.enabled {
+            ports.push(("metrics.addr", self.metrics.addr));
+        }
+        for (index, (key, addr)) in ports.iter().enumerate() {
+            if addr.port() == 0 {
+                continue;
+            }
+            if let Some((other, _)) = ports[..index].iter().find(|(_, a)| a == addr) {
+                problem(key, format!("{addr} is already used by {other}"));
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for (index, stream) in self.streams.iter().enumerate() {
             if !seen.insert(stream.id) {
@@ -318,6 +533,280 @@ impl Config {
             addr.set_port(addr.port() + shard as u16);
         }
         addr
+    }
+}
+
+/// Deserialize `value` as `T`; on an unknown key or a wrongly typed value,
+/// record the problem under `prefix` + its path, drop that key and try
+/// again, until it deserializes or nothing more can be dropped.
+fn deserialize_collecting<T: serde::de::DeserializeOwned>(
+    mut value: toml::Value,
+    prefix: &str,
+    problems: &mut Vec<ConfigProblem>,
+) -> Option<T> {
+    // Each round drops one key, so this ends; the cap guards against a
+    // deserializer error that names no key we can drop.
+    for _ in 0..256 {
+        let err = match serde_path_to_error::deserialize::<_, T>(value.clone()) {
+            Ok(parsed) => return Some(parsed),
+            Err(err) => err,
+        };
+        let mut path: Vec<String> = Vec::new();
+        for segment in err.path().iter() {
+            match segment {
+                serde_path_to_error::Segment::Map { key } => path.push(key.clone()),
+                serde_path_to_error::Segment::Seq { index } => path.push(index.to_string()),
+                serde_path_to_error::Segment::Enum { .. }
+                | serde_path_to_error::Segment::Unknown => {}
+            }
+        }
+        let message = err.into_inner().message().to_string();
+        // An unknown field's error comes with the path of its table; the
+        // field is named in the message.
+        if let Some(field) = unknown_field(&message)
+            && path.last().map(String::as_str) != Some(field)
+        {
+            path.push(field.to_string());
+        }
+        let key = join_key(prefix, &path);
+        let message = match (unknown_field(&message), message.split_once(", expected ")) {
+            (Some(_), Some((_, allowed))) => format!(
+                "unknown key (allowed here: {})",
+                allowed.trim_start_matches("one of ")
+            ),
+            (Some(_), None) => "unknown key".to_string(),
+            (None, _) => message,
+        };
+        problems.push(ConfigProblem::new(key, message));
+        if path.is_empty() || !remove_path(&mut value, &path) {
+            return None;
+        }
+    }
+    None
+}
+
+/// The field named by serde's "unknown field `x`, expected ..." message.
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split('`').next()
+}
+
+fn join_key(prefix: &str, path: &[String]) -> String {
+    let mut key = prefix.to_string();
+    for part in path {
+        if part.bytes().all(|b| b.is_ascii_digit()) {
+            key.push_str(&format!("[{part}]"));
+        } else {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(part);
+        }
+    }
+    key
+}
+
+/// Remove the value at `path`; false when there is none.
+fn remove_path(value: &mut toml::Value, path: &[String]) -> bool {
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut current = value;
+    for part in parents {
+        current = match current {
+            toml::Value::Table(table) => match table.get_mut(part) {
+                Some(next) => next,
+                None => return false,
+            },
+            toml::Value::Array(items) => {
+                match part.parse::<usize>().ok().and_then(|i| items.get_mut(i)) {
+                    Some(next) => next,
+                    None => return false,
+                }
+            }
+            _ => return false,
+        };
+    }
+    match current {
+        toml::Value::Table(table) => table.remove(last).is_some(),
+        toml::Value::Array(items) => match last.parse::<usize>() {
+            Ok(index) if index < items.len() => {
+                items.remove(index);
+                true
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// When a change to a key takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apply {
+    /// On reload, without dropping or duplicating traffic.
+    Hot,
+    /// At the next start; a reload reports it as waiting.
+    Restart,
+}
+
+/// One configuration key.
+#[derive(Debug, Clone, Copy)]
+pub struct KeySpec {
+    /// Dotted key.
+    pub key: &'static str,
+    /// When a change takes effect.
+    pub apply: Apply,
+}
+
+const fn hot(key: &'static str) -> KeySpec {
+    KeySpec {
+        key,
+        apply: Apply::Hot,
+    }
+}
+
+const fn restart(key: &'static str) -> KeySpec {
+    KeySpec {
+        key,
+        apply: Apply::Restart,
+    }
+}
+
+/// Every key (tables such as `dataplane.shard.idle` and the `streams` array
+/// count as one key each).
+pub const KEYS: &[KeySpec] = &[
+    restart("broker.data_dir"),
+    restart("broker.data_addr"),
+    restart("broker.fetch_addr"),
+    restart("broker.shards"),
+    restart("dataplane.backend"),
+    restart("dataplane.required"),
+    hot("dataplane.shard.credit_window"),
+    restart("dataplane.shard.max_flows"),
+    restart("dataplane.shard.initial_flows"),
+    hot("dataplane.shard.idle"),
+    restart("dataplane.socket.recv_buffer_bytes"),
+    restart("dataplane.socket.send_buffer_bytes"),
+    restart("dataplane.socket.tx_queue_max"),
+    restart("storage.segment_size_mib"),
+    restart("storage.flush_interval_ms"),
+    hot("storage.retention_mib"),
+    hot("storage.retention_age_secs"),
+    restart("storage.shared"),
+    restart("streams"),
+    hot("log.level"),
+    restart("log.format"),
+    restart("admin.addr"),
+    restart("metrics.enabled"),
+    restart("metrics.addr"),
+    restart("metrics.sample_interval_ms"),
+    restart("reload.watch"),
+    restart("reload.debounce_ms"),
+];
+
+/// The spec of `key` (or of the key holding it: `dataplane.shard.idle.adaptive.park_us`
+/// belongs to `dataplane.shard.idle`, `streams[0].id` to `streams`).
+pub fn key_spec(key: &str) -> Option<&'static KeySpec> {
+    KEYS.iter().find(|spec| {
+        key == spec.key
+            || key
+                .strip_prefix(spec.key)
+                .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+    })
+}
+
+/// Keys that a prefix such as `storage` or `dataplane.shard` selects.
+pub fn keys_under(prefix: &str) -> impl Iterator<Item = &'static KeySpec> + '_ {
+    KEYS.iter().filter(move |spec| {
+        prefix.is_empty()
+            || spec.key == prefix
+            || spec
+                .key
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.starts_with('.'))
+    })
+}
+
+/// Every key of `config` with its value in TOML syntax (an empty string
+/// for an unset optional key), in [`KEYS`] order.
+pub fn flatten(config: &Config) -> Vec<(&'static str, String)> {
+    let root = toml::Value::try_from(config)
+        .expect("a Config always serializes (plain data, string keys)");
+    KEYS.iter()
+        .map(|spec| {
+            let mut value = Some(&root);
+            for part in spec.key.split('.') {
+                value = value.and_then(|v| v.get(part));
+            }
+            (spec.key, value.map(value_text).unwrap_or_default())
+        })
+        .collect()
+}
+
+/// A value in TOML syntax, on one line.
+pub fn value_text(value: &toml::Value) -> String {
+    match value {
+        toml::Value::Table(table) => {
+            let inner: Vec<String> = table
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", value_text(v)))
+                .collect();
+            if inner.is_empty() {
+                "{}".into()
+            } else {
+                format!("{{ {} }}", inner.join(", "))
+            }
+        }
+        toml::Value::Array(items) => {
+            format!(
+                "[{}]",
+                items.iter().map(value_text).collect::<Vec<_>>().join(", ")
+            )
+        }
+        other => other.to_string(),
+    }
+}
+
+/// One key whose value differs between two configurations.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyChange {
+    /// Dotted key.
+    pub key: &'static str,
+    /// Value before (TOML syntax; empty when unset).
+    pub old: String,
+    /// Value after.
+    pub new: String,
+    /// When it takes effect.
+    pub apply: Apply,
+}
+
+/// The keys whose values differ, in [`KEYS`] order.
+pub fn diff(old: &Config, new: &Config) -> Vec<KeyChange> {
+    flatten(old)
+        .into_iter()
+        .zip(flatten(new))
+        .zip(KEYS)
+        .filter(|(((_, a), (_, b)), _)| a != b)
+        .map(|(((key, old), (_, new)), spec)| KeyChange {
+            key,
+            old,
+            new,
+            apply: spec.apply,
+        })
+        .collect()
+}
+
+impl Config {
+    /// `running` with the hot keys of `wanted` (what a reload puts in force;
+    /// the restart keys keep their running values).
+    pub fn with_hot_values_of(&self, wanted: &Config) -> Config {
+        let mut next = self.clone();
+        next.dataplane.shard.credit_window = wanted.dataplane.shard.credit_window;
+        next.dataplane.shard.idle = wanted.dataplane.shard.idle;
+        next.storage.retention_mib = wanted.storage.retention_mib;
+        next.storage.retention_age_secs = wanted.storage.retention_age_secs;
+        next.log.level = wanted.log.level.clone();
+        next
     }
 }
 
@@ -385,5 +874,131 @@ mod tests {
         assert!(err.to_string().contains("quorum"), "{err}");
         let err = Config::from_toml("[broker\n", Path::new("x.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_rust_defaults_match_the_embedded_file() {
+        let from_file = Config::default();
+        let from_rust = Config {
+            broker: BrokerSection::default(),
+            dataplane: DataplaneSection::default(),
+            storage: StorageSection::default(),
+            streams: from_file.streams.clone(),
+            log: LogSection::default(),
+            admin: AdminSection::default(),
+            metrics: MetricsSection::default(),
+            reload: ReloadSection::default(),
+        };
+        assert_eq!(diff(&from_rust, &from_file), vec![]);
+        assert_eq!(from_rust, from_file);
+    }
+
+    #[test]
+    fn every_leaf_belongs_to_a_listed_key() {
+        fn leaves(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
+            match value {
+                toml::Value::Table(table) => {
+                    for (name, inner) in table {
+                        let key = if prefix.is_empty() {
+                            name.clone()
+                        } else {
+                            format!("{prefix}.{name}")
+                        };
+                        leaves(inner, &key, out);
+                    }
+                }
+                _ => out.push(prefix.to_string()),
+            }
+        }
+        let mut config = Config::default();
+        config.broker.data_dir = Some("/x".into());
+        config.storage.retention_mib = Some(1024);
+        config.storage.retention_age_secs = Some(60);
+        let mut all = Vec::new();
+        leaves(&toml::Value::try_from(&config).unwrap(), "", &mut all);
+        for leaf in &all {
+            assert!(key_spec(leaf).is_some(), "{leaf} is not in KEYS");
+        }
+        for spec in KEYS {
+            assert!(
+                all.iter()
+                    .any(|leaf| key_spec(leaf).is_some_and(|s| s.key == spec.key)),
+                "{} in KEYS is not a key of Config",
+                spec.key
+            );
+        }
+    }
+
+    #[test]
+    fn a_reload_takes_exactly_the_hot_keys() {
+        let running = Config::default();
+        let wanted = Config::from_toml(
+            r#"
+            [broker]
+            shards = 2
+            data_addr = "127.0.0.1:9000"
+            [dataplane.shard]
+            credit_window = 64
+            max_flows = 100
+            idle = "spin"
+            [storage]
+            retention_mib = 1024
+            retention_age_secs = 3600
+            flush_interval_ms = 5
+            [log]
+            level = "debug"
+            format = "json"
+            "#,
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let next = running.with_hot_values_of(&wanted);
+        let applied: Vec<&str> = diff(&running, &next).iter().map(|c| c.key).collect();
+        let hot: Vec<&str> = KEYS
+            .iter()
+            .filter(|s| s.apply == Apply::Hot)
+            .map(|s| s.key)
+            .collect();
+        assert_eq!(applied, hot);
+        assert!(
+            diff(&next, &wanted)
+                .iter()
+                .all(|c| c.apply == Apply::Restart)
+        );
+        assert_eq!(
+            diff(&running, &next)
+                .iter()
+                .find(|c| c.key == "storage.retention_mib")
+                .map(|c| (c.old.as_str(), c.new.as_str())),
+            Some(("", "1024"))
+        );
+    }
+
+    #[test]
+    fn several_bad_streams_are_each_reported() {
+        let text = r#"
+            [[streams]]
+            id = 1
+            durability = "quorum"
+            [[streams]]
+            durability = "fsync"
+            [[streams]]
+            id = 3
+            colour = "red"
+            [[streams]]
+            id = 4
+        "#;
+        let err = Config::from_toml(text, Path::new("x.toml")).unwrap_err();
+        let ConfigError::Invalid { problems } = &err else {
+            panic!("{err}")
+        };
+        let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            vec!["streams[0].durability", "streams[1]", "streams[2].colour"],
+            "{err}"
+        );
+        assert!(problems[0].message.contains("quorum"), "{err}");
+        assert!(problems[1].message.contains("id"), "{err}");
     }
 }
