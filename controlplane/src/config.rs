@@ -18,6 +18,7 @@
 //! segment size, ports against shard count), which garde would run as
 //! custom functions anyway.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -672,8 +673,10 @@ const fn restart(key: &'static str) -> KeySpec {
     }
 }
 
-/// Every key (tables such as `dataplane.shard.idle` and the `streams` array
-/// count as one key each).
+/// The keys this module knows: every hot key, and the tables and arrays
+/// that count as one key (`dataplane.shard.idle`, `streams`). A key not
+/// listed here (a section added later, `dataplane.af_xdp.interface`) needs a
+/// restart, which is the safe default.
 pub const KEYS: &[KeySpec] = &[
     restart("broker.data_dir"),
     restart("broker.data_addr"),
@@ -685,9 +688,6 @@ pub const KEYS: &[KeySpec] = &[
     restart("dataplane.shard.max_flows"),
     restart("dataplane.shard.initial_flows"),
     hot("dataplane.shard.idle"),
-    restart("dataplane.socket.recv_buffer_bytes"),
-    restart("dataplane.socket.send_buffer_bytes"),
-    restart("dataplane.socket.tx_queue_max"),
     restart("storage.segment_size_mib"),
     restart("storage.flush_interval_ms"),
     hot("storage.retention_mib"),
@@ -704,8 +704,9 @@ pub const KEYS: &[KeySpec] = &[
     restart("reload.debounce_ms"),
 ];
 
-/// The spec of `key` (or of the key holding it: `dataplane.shard.idle.adaptive.park_us`
-/// belongs to `dataplane.shard.idle`, `streams[0].id` to `streams`).
+/// The listed spec of `key` or of the key holding it
+/// (`dataplane.shard.idle.adaptive.park_us` belongs to `dataplane.shard.idle`,
+/// `streams[0].id` to `streams`).
 pub fn key_spec(key: &str) -> Option<&'static KeySpec> {
     KEYS.iter().find(|spec| {
         key == spec.key
@@ -715,32 +716,54 @@ pub fn key_spec(key: &str) -> Option<&'static KeySpec> {
     })
 }
 
-/// Keys that a prefix such as `storage` or `dataplane.shard` selects.
-pub fn keys_under(prefix: &str) -> impl Iterator<Item = &'static KeySpec> + '_ {
-    KEYS.iter().filter(move |spec| {
-        prefix.is_empty()
-            || spec.key == prefix
-            || spec
-                .key
-                .strip_prefix(prefix)
-                .is_some_and(|rest| rest.starts_with('.'))
-    })
+/// When a change to `key` takes effect ([`Apply::Restart`] unless listed hot).
+pub fn apply_of(key: &str) -> Apply {
+    key_spec(key).map_or(Apply::Restart, |spec| spec.apply)
 }
 
-/// Every key of `config` with its value in TOML syntax (an empty string
-/// for an unset optional key), in [`KEYS`] order.
-pub fn flatten(config: &Config) -> Vec<(&'static str, String)> {
+/// True when `key` is `prefix` or inside it (`storage` selects
+/// `storage.retention_mib`); the empty prefix selects everything.
+pub fn key_is_under(key: &str, prefix: &str) -> bool {
+    prefix.is_empty()
+        || key == prefix
+        || key
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// Every key of `config` with its value in TOML syntax (an empty string for
+/// an unset optional key), sorted by key. Tables listed in [`KEYS`] are one
+/// key; other tables are walked down to their leaves.
+pub fn flatten(config: &Config) -> BTreeMap<String, String> {
+    fn walk(value: &toml::Value, key: &str, out: &mut BTreeMap<String, String>) {
+        match value {
+            toml::Value::Table(table) if !KEYS.iter().any(|spec| spec.key == key) => {
+                for (name, inner) in table {
+                    let inner_key = if key.is_empty() {
+                        name.clone()
+                    } else {
+                        format!("{key}.{name}")
+                    };
+                    walk(inner, &inner_key, out);
+                }
+            }
+            other => {
+                out.insert(key.to_string(), value_text(other));
+            }
+        }
+    }
     let root = toml::Value::try_from(config)
         .expect("a Config always serializes (plain data, string keys)");
-    KEYS.iter()
-        .map(|spec| {
-            let mut value = Some(&root);
-            for part in spec.key.split('.') {
-                value = value.and_then(|v| v.get(part));
-            }
-            (spec.key, value.map(value_text).unwrap_or_default())
-        })
-        .collect()
+    let mut out = BTreeMap::new();
+    walk(&root, "", &mut out);
+    for spec in KEYS {
+        let known_table = out.keys().any(|key| key_is_under(key, spec.key));
+        if !known_table {
+            // An unset optional key (None is not serialized).
+            out.insert(spec.key.to_string(), String::new());
+        }
+    }
+    out
 }
 
 /// A value in TOML syntax, on one line.
@@ -757,12 +780,10 @@ pub fn value_text(value: &toml::Value) -> String {
                 format!("{{ {} }}", inner.join(", "))
             }
         }
-        toml::Value::Array(items) => {
-            format!(
-                "[{}]",
-                items.iter().map(value_text).collect::<Vec<_>>().join(", ")
-            )
-        }
+        toml::Value::Array(items) => format!(
+            "[{}]",
+            items.iter().map(value_text).collect::<Vec<_>>().join(", ")
+        ),
         other => other.to_string(),
     }
 }
@@ -771,7 +792,7 @@ pub fn value_text(value: &toml::Value) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyChange {
     /// Dotted key.
-    pub key: &'static str,
+    pub key: String,
     /// Value before (TOML syntax; empty when unset).
     pub old: String,
     /// Value after.
@@ -780,18 +801,21 @@ pub struct KeyChange {
     pub apply: Apply,
 }
 
-/// The keys whose values differ, in [`KEYS`] order.
+/// The keys whose values differ, sorted by key.
 pub fn diff(old: &Config, new: &Config) -> Vec<KeyChange> {
-    flatten(old)
-        .into_iter()
-        .zip(flatten(new))
-        .zip(KEYS)
-        .filter(|(((_, a), (_, b)), _)| a != b)
-        .map(|(((key, old), (_, new)), spec)| KeyChange {
-            key,
-            old,
-            new,
-            apply: spec.apply,
+    let old = flatten(old);
+    let new = flatten(new);
+    let keys: std::collections::BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+    keys.into_iter()
+        .filter_map(|key| {
+            let before = old.get(key).cloned().unwrap_or_default();
+            let after = new.get(key).cloned().unwrap_or_default();
+            (before != after).then(|| KeyChange {
+                key: key.clone(),
+                old: before,
+                new: after,
+                apply: apply_of(key),
+            })
         })
         .collect()
 }
@@ -894,39 +918,31 @@ mod tests {
     }
 
     #[test]
-    fn every_leaf_belongs_to_a_listed_key() {
-        fn leaves(value: &toml::Value, prefix: &str, out: &mut Vec<String>) {
-            match value {
-                toml::Value::Table(table) => {
-                    for (name, inner) in table {
-                        let key = if prefix.is_empty() {
-                            name.clone()
-                        } else {
-                            format!("{prefix}.{name}")
-                        };
-                        leaves(inner, &key, out);
-                    }
-                }
-                _ => out.push(prefix.to_string()),
-            }
-        }
+    fn every_listed_key_is_a_key_of_config() {
         let mut config = Config::default();
         config.broker.data_dir = Some("/x".into());
         config.storage.retention_mib = Some(1024);
         config.storage.retention_age_secs = Some(60);
-        let mut all = Vec::new();
-        leaves(&toml::Value::try_from(&config).unwrap(), "", &mut all);
-        for leaf in &all {
-            assert!(key_spec(leaf).is_some(), "{leaf} is not in KEYS");
-        }
+        let keys = flatten(&config);
         for spec in KEYS {
             assert!(
-                all.iter()
-                    .any(|leaf| key_spec(leaf).is_some_and(|s| s.key == spec.key)),
+                keys.get(spec.key).is_some_and(|value| !value.is_empty())
+                    || keys.keys().any(|key| key_is_under(key, spec.key)),
                 "{} in KEYS is not a key of Config",
                 spec.key
             );
         }
+        assert_eq!(keys["dataplane.shard.idle"], config_idle_text());
+        assert_eq!(
+            apply_of("dataplane.shard.idle.adaptive.park_us"),
+            Apply::Hot
+        );
+        assert_eq!(apply_of("streams[0].id"), Apply::Restart);
+        assert_eq!(apply_of("some.future.key"), Apply::Restart);
+    }
+
+    fn config_idle_text() -> String {
+        "{ adaptive = { park_us = 1000, spin_cycles = 20000, yield_cycles = 200 } }".into()
     }
 
     #[test]
@@ -953,12 +969,13 @@ mod tests {
         )
         .unwrap();
         let next = running.with_hot_values_of(&wanted);
-        let applied: Vec<&str> = diff(&running, &next).iter().map(|c| c.key).collect();
-        let hot: Vec<&str> = KEYS
+        let applied: Vec<String> = diff(&running, &next).into_iter().map(|c| c.key).collect();
+        let mut hot: Vec<String> = KEYS
             .iter()
             .filter(|s| s.apply == Apply::Hot)
-            .map(|s| s.key)
+            .map(|s| s.key.to_string())
             .collect();
+        hot.sort();
         assert_eq!(applied, hot);
         assert!(
             diff(&next, &wanted)

@@ -22,7 +22,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::config::{Apply, Config, ConfigError, ConfigProblem, KEYS, flatten, key_spec};
+use crate::config::{Apply, Config, ConfigError, ConfigProblem, KEYS, apply_of, flatten};
 
 /// Prefix of the environment variables that set keys.
 pub const ENV_PREFIX: &str = "KAELIX__";
@@ -86,7 +86,7 @@ pub struct Sources {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     /// Dotted key.
-    pub key: &'static str,
+    pub key: String,
     /// Value in TOML syntax (empty when unset).
     pub value: String,
     /// Where it came from.
@@ -264,16 +264,6 @@ fn record_file_keys(table: &toml::Table, prefix: &str, path: &Path, sources: &mu
 
 /// Put `value` at dotted `key`, creating tables on the way.
 fn insert(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), String> {
-    if key_spec(key).is_none() {
-        let section = key.split('.').next().unwrap_or_default();
-        let mut known: Vec<&str> = crate::config::keys_under(section)
-            .map(|spec| spec.key)
-            .collect();
-        if known.is_empty() {
-            known = KEYS.iter().map(|spec| spec.key).collect();
-        }
-        return Err(format!("unknown key (allowed: {})", known.join(", ")));
-    }
     let parts: Vec<&str> = key.split('.').collect();
     let (last, parents) = parts.split_last().expect("split yields at least one part");
     let mut current = table;
@@ -327,12 +317,11 @@ impl Resolved {
 pub fn entries(config: &Config, sources: &Sources) -> Vec<Entry> {
     flatten(config)
         .into_iter()
-        .zip(KEYS)
-        .map(|((key, value), spec)| Entry {
+        .map(|(key, value)| Entry {
+            source: sources.source_of(&key),
+            apply: apply_of(&key),
             key,
             value,
-            source: sources.source_of(key),
-            apply: spec.apply,
         })
         .collect()
 }
