@@ -236,6 +236,8 @@ pub struct Received {
     pub bad: u64,
     /// Datagrams delivered by the backend.
     pub datagrams: u64,
+    /// HEARTBEAT frames among them.
+    pub heartbeats: u64,
     /// Highest sequence up to which every frame arrived.
     pub contiguous: u64,
     /// ACK datagrams sent.
@@ -244,19 +246,29 @@ pub struct Received {
     pub elapsed: Duration,
 }
 
-/// Receive DATA frames `1..=expected` through `backend`, checking each
-/// frame's CRC (the protocol parser does) and payload and counting
-/// duplicates. With `ack_window`, answer every batch that made progress (and
-/// every HEARTBEAT) with a cumulative ACK granting that credit. Returns once
-/// every frame arrived and `linger` passed without traffic, or after `timeout`.
-pub fn receive<B: Backend>(
-    backend: &mut B,
-    expected: u64,
-    ack_window: Option<u32>,
-    linger: Duration,
-    timeout: Duration,
-) -> Received {
-    let mut seen = vec![false; usize::try_from(expected + 1).expect("fits memory")];
+/// How [`receive`] runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ReceiveSpec {
+    /// Sequences `1..=expected` are expected.
+    pub expected: u64,
+    /// Answer progress with cumulative ACKs granting this credit. HEARTBEATs
+    /// are always answered (credit 0 without a window).
+    pub ack_window: Option<u32>,
+    /// Once every frame arrived, keep receiving this long (to catch duplicates).
+    pub linger: Duration,
+    /// Stop when traffic has started and then paused this long (open-loop runs).
+    pub idle_end: Option<Duration>,
+    /// Stop after this long in any case.
+    pub timeout: Duration,
+}
+
+/// Receive DATA frames through `backend`, checking each frame's CRC (the
+/// protocol parser does) and payload and counting duplicates; see
+/// [`ReceiveSpec`] for acknowledgements and when it returns.
+pub fn receive<B: Backend>(backend: &mut B, spec: ReceiveSpec) -> Received {
+    let expected = spec.expected;
+    let words = usize::try_from(expected / 64 + 1).expect("fits memory");
+    let mut seen = vec![0u64; words];
     let mut got = Received::default();
     let started = Instant::now();
     let mut first: Option<Instant> = None;
@@ -265,6 +277,7 @@ pub fn receive<B: Backend>(
     loop {
         let mut heartbeat = false;
         let before = got.contiguous;
+        let frames_before = got.frames;
         let delivered = backend
             .recv_batch(&mut |payload, from| {
                 got.datagrams += 1;
@@ -277,37 +290,46 @@ pub fn receive<B: Backend>(
                     match frame.kind() {
                         FrameKind::Data => {
                             let sequence = frame.sequence();
-                            let index = usize::try_from(sequence).unwrap_or(usize::MAX);
                             if sequence == 0
-                                || index >= seen.len()
+                                || sequence > expected
                                 || frame.payload() != payload_of(sequence)
                             {
                                 got.bad += 1;
                                 continue;
                             }
                             got.frames += 1;
-                            if std::mem::replace(&mut seen[index], true) {
+                            let (word, bit) = ((sequence / 64) as usize, sequence % 64);
+                            if seen[word] & (1 << bit) != 0 {
                                 got.duplicates += 1;
                             }
+                            seen[word] |= 1 << bit;
                         }
-                        FrameKind::Heartbeat => heartbeat = true,
+                        FrameKind::Heartbeat => {
+                            heartbeat = true;
+                            got.heartbeats += 1;
+                        }
                         FrameKind::Ack | FrameKind::Error => got.bad += 1,
                     }
                 }
             })
             .expect("recv_batch");
         let now = Instant::now();
-        if delivered > 0 {
+        if got.frames > frames_before {
             first.get_or_insert(now);
             last = now;
         }
-        while got.contiguous < expected && seen[usize::try_from(got.contiguous + 1).expect("fits")]
-        {
-            got.contiguous += 1;
+        while got.contiguous < expected {
+            let next = got.contiguous + 1;
+            if seen[(next / 64) as usize] & (1 << (next % 64)) == 0 {
+                break;
+            }
+            got.contiguous = next;
         }
-        if let (Some(window), Some(to)) = (ack_window, peer)
-            && (heartbeat || got.contiguous > before)
+        let progress = spec.ack_window.is_some() && got.contiguous > before;
+        if let Some(to) = peer
+            && (heartbeat || progress)
         {
+            let window = spec.ack_window.unwrap_or(0);
             let contiguous = got.contiguous;
             let queued = backend
                 .queue_tx(&to, &mut |buf| {
@@ -329,8 +351,11 @@ pub fn receive<B: Backend>(
             }
             backend.flush_tx().expect("flush_tx");
         }
-        let done = got.contiguous == expected && now.duration_since(last) >= linger;
-        if done || now.duration_since(started) >= timeout {
+        let complete = got.contiguous == expected && now.duration_since(last) >= spec.linger;
+        let paused = spec
+            .idle_end
+            .is_some_and(|idle| first.is_some() && now.duration_since(last) >= idle);
+        if complete || paused || now.duration_since(started) >= spec.timeout {
             break;
         }
         if delivered == 0 {
@@ -339,6 +364,21 @@ pub fn receive<B: Backend>(
     }
     got.elapsed = first.map_or(Duration::ZERO, |first| last.duration_since(first));
     got
+}
+
+/// Report lines for what a receiver saw (`event` first).
+pub fn received_report(event: &str, got: &Received) -> Vec<(&'static str, String)> {
+    vec![
+        ("event", event.to_owned()),
+        ("frames", got.frames.to_string()),
+        ("duplicates", got.duplicates.to_string()),
+        ("bad", got.bad.to_string()),
+        ("datagrams", got.datagrams.to_string()),
+        ("heartbeats", got.heartbeats.to_string()),
+        ("contiguous", got.contiguous.to_string()),
+        ("acks_sent", got.acks_sent.to_string()),
+        ("elapsed_us", got.elapsed.as_micros().to_string()),
+    ]
 }
 
 /// What a producer did.
