@@ -214,7 +214,7 @@ pub enum FetchDecodeError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FetchBodyError {
     /// A frame did not decode (its offset inside the body is in the error).
-    #[error("frame at stream offset {offset}: {source}")]
+    #[error("frame at stream offset {offset} is invalid")]
     Frame {
         /// Stream offset of the bad frame.
         offset: u64,

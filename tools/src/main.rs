@@ -8,6 +8,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use kaelix_protocol::{Datagram, DatagramBuilder, MAX_DATAGRAM_LEN};
 
+mod produce;
+
 /// MemoryStreamer operator CLI.
 #[derive(Parser)]
 #[command(name = "kaelix", version, about)]
@@ -18,6 +20,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Send lines of stdin (or whole files) to a stream and wait for the acknowledgements.
+    ///
+    /// Examples:
+    ///   printf 'one\ntwo\n' | kaelix produce --broker 127.0.0.1:7000 --stream 1
+    ///   kaelix produce --stream 1 --file report.json --durability-wait fsync
+    #[command(verbatim_doc_comment)]
+    Produce(produce::ProduceArgs),
     /// Encode frames into one datagram, send it over loopback UDP to ourselves,
     /// decode and verify every frame, and print what arrived.
     ProtocolDemo {
@@ -29,6 +38,7 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::Produce(args) => produce::run(args),
         Command::ProtocolDemo { frames } => protocol_demo(frames),
     }
 }
