@@ -285,24 +285,34 @@ fn insert(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), 
     Ok(())
 }
 
+/// True when one key is the other or holds it.
+fn related(a: &str, b: &str) -> bool {
+    crate::config::key_is_under(a, b) || crate::config::key_is_under(b, a)
+}
+
 impl Sources {
     /// Where the value of `key` came from: the last layer that set it, a
     /// table holding it, or a key inside it.
     pub fn source_of(&self, key: &str) -> Source {
-        let related = |set: &str| {
-            set == key
-                || key
-                    .strip_prefix(set)
-                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
-                || set
-                    .strip_prefix(key)
-                    .is_some_and(|rest| rest.starts_with('.') || rest.starts_with('['))
-        };
         self.set
             .iter()
             .rev()
-            .find(|(set, _)| related(set))
+            .find(|(set, _)| !set.is_empty() && related(set, key))
             .map_or(Source::Default, |(_, source)| source.clone())
+    }
+
+    /// These sources, except that `keys` keep their sources from `old` (keys
+    /// whose new value waits for a restart keep the running value's source).
+    pub fn keeping(&self, keys: &[String], old: &Sources) -> Sources {
+        let held = |set: &str| keys.iter().any(|key| related(set, key));
+        let mut set: Vec<(String, Source)> = self
+            .set
+            .iter()
+            .filter(|(key, _)| !held(key))
+            .cloned()
+            .collect();
+        set.extend(old.set.iter().filter(|(key, _)| held(key)).cloned());
+        Sources { set }
     }
 }
 

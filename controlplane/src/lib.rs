@@ -8,3 +8,5 @@
 
 pub mod config;
 pub mod layers;
+pub mod logging;
+pub mod pb;

@@ -20,6 +20,7 @@ pub mod pinning;
 pub mod shard;
 pub mod sink;
 pub mod socket;
+pub mod tunables;
 
 pub use counters::ShardCounters;
 pub use idle::IdleStrategy;
@@ -27,3 +28,4 @@ pub use pinning::{CoreSelection, PinError, PinPlan};
 pub use shard::{Shard, ShardConfig, ShardError, ShardLinks, ShardTask};
 pub use sink::{LogSink, SinkBatch, SinkError};
 pub use socket::{SocketBackend, SocketConfig};
+pub use tunables::ShardTunables;

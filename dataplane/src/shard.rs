@@ -31,6 +31,7 @@ use crate::counters::{BatchCounts, ShardCounters};
 use crate::flow::{Admission, FlowKey, FlowTable};
 use crate::idle::{IdleAction, IdleStrategy, Idler};
 use crate::sink::{LogSink, SinkBatch, SinkError};
+use crate::tunables::ShardTunables;
 
 /// Control commands drained per cycle (keeps a flood of commands from starving traffic).
 pub const COMMANDS_PER_CYCLE: usize = 16;
@@ -339,6 +340,9 @@ pub struct Shard<B, S> {
     /// Flows with data waiting for durability, carried across cycles.
     waiting: Vec<FlowKey>,
     next_housekeeping: Instant,
+    /// Hot-reloadable settings, applied between cycles when their generation moves.
+    tunables: Arc<ShardTunables>,
+    tunables_seen: u64,
 }
 
 impl<B: Backend, S: LogSink> Shard<B, S> {
@@ -376,7 +380,14 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
             counters,
             waiting: Vec::with_capacity(config.initial_flows),
             next_housekeeping: Instant::now(),
+            tunables: Arc::new(ShardTunables::new(config)),
+            tunables_seen: 0,
         }
+    }
+
+    /// The settings the control plane may change while the loop runs.
+    pub fn tunables(&self) -> Arc<ShardTunables> {
+        self.tunables.clone()
     }
 
     /// Run until the stop flag is set or the backend fails.
@@ -419,6 +430,12 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
         let mut worked = self.run_commands();
+        let generation = self.tunables.generation();
+        if generation != self.tunables_seen {
+            self.tunables_seen = generation;
+            self.ingest.book.window = u64::from(self.tunables.credit_window().max(1));
+            self.idler = Idler::new(self.tunables.idle());
+        }
 
         let ingest = &mut self.ingest;
         let received = self

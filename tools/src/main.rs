@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use kaelix_protocol::{Datagram, DatagramBuilder, MAX_DATAGRAM_LEN};
 
+mod admin;
 mod produce;
 
 /// MemoryStreamer operator CLI.
@@ -27,6 +28,12 @@ enum Command {
     ///   kaelix produce --stream 1 --file report.json --durability-wait fsync
     #[command(verbatim_doc_comment)]
     Produce(produce::ProduceArgs),
+    /// Create, delete, list and describe streams on a running broker.
+    Stream(admin::StreamArgs),
+    /// The running broker's health, shards, XDP and pending configuration.
+    Broker(admin::BrokerArgs),
+    /// Get, set, reload or check the configuration.
+    Config(admin::ConfigArgs),
     /// Encode frames into one datagram, send it over loopback UDP to ourselves,
     /// decode and verify every frame, and print what arrived.
     ProtocolDemo {
@@ -39,6 +46,9 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Produce(args) => produce::run(args),
+        Command::Stream(args) => admin::stream(args),
+        Command::Broker(args) => admin::broker(args),
+        Command::Config(args) => admin::config(args),
         Command::ProtocolDemo { frames } => protocol_demo(frames),
     }
 }
