@@ -1,0 +1,214 @@
+//! The flusher: copies the live log to its disk copy and fsyncs it.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use crate::error::FlushError;
+use crate::log::{SegmentHandle, Shared};
+use crate::mem::Slot;
+use crate::registry;
+
+/// What one [`Flusher::poll`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct FlushProgress {
+    /// Appended position seen by this poll.
+    pub appended: u64,
+    /// Written position published after this poll.
+    pub written: u64,
+    /// Synced position published after this poll.
+    pub synced: u64,
+    /// Bytes copied to the disk copy by this poll.
+    pub bytes_written: u64,
+    /// True when this poll ran fdatasync.
+    pub synced_now: bool,
+}
+
+impl FlushProgress {
+    /// True when the poll found nothing to do (the caller may back off).
+    pub fn is_idle(&self) -> bool {
+        self.bytes_written == 0 && !self.synced_now
+    }
+}
+
+/// Copies `[written, appended)` of the live log to the disk copy with
+/// `pwrite`, fdatasyncs when an fsync-level batch waits or the flush
+/// interval is due, and publishes the written and synced positions.
+///
+/// `Send`: drive it from a thread the caller owns by calling [`Flusher::poll`]
+/// in a loop (back off when [`FlushProgress::is_idle`]). The writer never
+/// waits for it. There is one flusher per log.
+#[derive(Debug)]
+pub struct Flusher {
+    shared: Arc<Shared>,
+    interval_ns: u64,
+    written: u64,
+    synced: u64,
+    last_sync_ns: Option<u64>,
+    current: Option<(Arc<SegmentHandle>, File)>,
+}
+
+impl Flusher {
+    pub(crate) fn new(shared: Arc<Shared>, interval_ns: u64, start: u64) -> Self {
+        let written = shared.meta.load(Slot::Written).max(start);
+        let synced = shared.meta.load(Slot::Synced).max(start).min(written);
+        Self {
+            shared,
+            interval_ns,
+            written,
+            synced,
+            last_sync_ns: None,
+            current: None,
+        }
+    }
+
+    /// Copy what was appended since the last poll and sync if due. On error
+    /// nothing past the last good write is published; the next poll retries.
+    pub fn poll(&mut self, now_ns: u64) -> Result<FlushProgress, FlushError> {
+        let size = self.shared.segment_size;
+        let appended = self.shared.meta.load(Slot::Appended);
+        let mut progress = FlushProgress {
+            appended,
+            ..FlushProgress::default()
+        };
+        let last_sync = *self.last_sync_ns.get_or_insert(now_ns);
+        while self.written < appended {
+            let number = self.written / size;
+            let offset = self.written % size;
+            let (handle, file) = self.open_segment(number)?;
+            let sealed = appended >= (number + 1) * size;
+            let end = if sealed {
+                handle
+                    .seal
+                    .get()
+                    .map(|seal| seal.len)
+                    .ok_or_else(|| FlushError::Write {
+                        path: handle.disk_path.clone(),
+                        offset,
+                        bytes: 0,
+                        source: std::io::Error::other(
+                            "segment passed by the appended position is not sealed",
+                        ),
+                    })?
+            } else {
+                appended - number * size
+            };
+            if end > offset {
+                let bytes = handle
+                    .mem
+                    .slice(offset as usize, end as usize)
+                    .ok_or_else(|| FlushError::Write {
+                        path: handle.disk_path.clone(),
+                        offset,
+                        bytes: (end - offset) as usize,
+                        source: std::io::Error::other("range is not published in the live segment"),
+                    })?;
+                file.write_all_at(bytes, offset)
+                    .map_err(|source| FlushError::Write {
+                        path: handle.disk_path.clone(),
+                        offset,
+                        bytes: bytes.len(),
+                        source,
+                    })?;
+                progress.bytes_written += end - offset;
+            }
+            if !sealed {
+                self.written = number * size + end;
+                break;
+            }
+            // A sealed segment is synced before the next one is started, so
+            // after a crash a later segment on disk means this one is complete.
+            file.sync_data().map_err(|source| FlushError::Sync {
+                path: handle.disk_path.clone(),
+                source,
+            })?;
+            let index = handle.seal.get().and_then(|seal| {
+                seal.index_file
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+            });
+            if let Some(bytes) = index {
+                // Not synced: a lost or torn index file is rebuilt by scanning.
+                registry::write_atomic(&handle.index_path, &bytes, false).map_err(|source| {
+                    FlushError::Create {
+                        path: handle.index_path.clone(),
+                        source,
+                    }
+                })?;
+            }
+            self.current = None;
+            self.written = (number + 1) * size;
+            self.synced = self.written;
+            progress.synced_now = true;
+            self.shared.meta.store(Slot::Written, self.written);
+            self.shared.meta.store(Slot::Synced, self.synced);
+        }
+        self.shared.meta.store(Slot::Written, self.written);
+        let request = self.shared.meta.load(Slot::SyncRequest);
+        let due = now_ns.saturating_sub(last_sync) >= self.interval_ns;
+        if self.synced < self.written && (request > self.synced || due) {
+            if let Some((handle, file)) = &self.current {
+                file.sync_data().map_err(|source| FlushError::Sync {
+                    path: handle.disk_path.clone(),
+                    source,
+                })?;
+            }
+            self.synced = self.written;
+            self.last_sync_ns = Some(now_ns);
+            progress.synced_now = true;
+            self.shared.meta.store(Slot::Synced, self.synced);
+        } else if due {
+            self.last_sync_ns = Some(now_ns);
+        }
+        progress.written = self.written;
+        progress.synced = self.synced;
+        Ok(progress)
+    }
+
+    /// The positions as this flusher last published them.
+    pub fn positions(&self) -> crate::Positions {
+        self.shared.positions()
+    }
+
+    fn open_segment(&mut self, number: u64) -> Result<(Arc<SegmentHandle>, &File), FlushError> {
+        if self
+            .current
+            .as_ref()
+            .is_none_or(|(handle, _)| handle.number != number)
+        {
+            let handle = self
+                .shared
+                .lock_list()
+                .iter()
+                .find(|handle| handle.number == number)
+                .cloned();
+            let path = self.shared.disk_path(number);
+            let Some(handle) = handle else {
+                return Err(FlushError::Create {
+                    path,
+                    source: std::io::Error::other("segment is not in the log"),
+                });
+            };
+            let existed = path.exists();
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(|source| FlushError::Create {
+                    path: path.clone(),
+                    source,
+                })?;
+            if !existed {
+                registry::sync_parent(&path).map_err(|source| FlushError::Sync {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            self.current = Some((handle, file));
+        }
+        let (handle, file) = self.current.as_ref().expect("set above");
+        Ok((handle.clone(), file))
+    }
+}
