@@ -54,8 +54,10 @@ run: setup
 test: setup fmt-check check-deps clippy test-suite bench-build fuzz-smoke
 	@echo "make test: all steps passed"
 
+# fuzz/ is its own workspace, so `--all` does not reach it.
 fmt-check:
 	$(CARGO) fmt --all -- --check
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml -- --check
 
 # protocol and storage are sans-IO: fail loudly if tokio enters their normal dependencies.
 check-deps:
@@ -84,3 +86,4 @@ fuzz: setup
 
 fmt:
 	$(CARGO) fmt --all
+	$(CARGO) fmt --manifest-path fuzz/Cargo.toml

@@ -54,7 +54,11 @@ fn check_frame(frame: &Frame<'_>, rest: &[u8]) {
     let len = frame.len();
     assert!(len >= HEADER_LEN && len <= rest.len());
     assert!(frame.payload().len() <= MAX_PAYLOAD_LEN);
-    assert_eq!(frame.as_bytes(), &rest[..len], "frame is not a view of the input");
+    assert_eq!(
+        frame.as_bytes(),
+        &rest[..len],
+        "frame is not a view of the input"
+    );
     assert_eq!(frame.payload().len(), len - HEADER_LEN);
     assert_eq!(frame.header().frame_len(), len);
     assert_eq!(frame.header().frame_kind(), Some(frame.kind()));
