@@ -49,9 +49,11 @@
 //!                                header plus payload (crate-level layout)
 //! ```
 //!
-//! Stream offsets are dense: the `i`-th frame of a response (from 0) has
+//! Offsets are dense within a response: the `i`-th frame (from 0) has
 //! offset `first_offset + i`, and `next_offset = first_offset +
-//! record_count`. The broker never returns a frame at or beyond
+//! record_count`. A response ends where the stream's offsets have a hole
+//! (offsets never written), so `first_offset` may exceed the `from_offset`
+//! asked for. The broker never returns a frame at or beyond
 //! `high_watermark` (it only serves what is readable at the stream's
 //! durability level), returns at least one frame when one is readable even if
 //! it is larger than `max_bytes` (so a consumer never stalls on a big frame),
