@@ -19,8 +19,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use dpdk_support::{
-    Child, ReceiveSpec, Sent, child_role, dpdk_lock, env, get, receive, received_report, report,
-    send_open_loop, send_windowed, wait_for_receiver,
+    Child, ReceiveSpec, Sent, child_role, dpdk_lock, env, get, pin_to, receive, received_report,
+    report, send_open_loop, send_windowed, wait_for_receiver,
 };
 use kaelix_dataplane::dpdk::{DpdkBackend, DpdkConfig};
 use kaelix_dataplane::{Backend, SocketBackend, SocketConfig};
@@ -85,7 +85,13 @@ fn run_receiver_child() {
         },
         timeout: Duration::from_millis(env("KX_TIMEOUT_MS")),
     };
+    let cpu: Option<usize> = std::env::var("KX_CPU")
+        .ok()
+        .and_then(|cpu| cpu.parse().ok());
     if kind == "socket" {
+        if let Some(cpu) = cpu {
+            pin_to(cpu);
+        }
         let addr = SocketAddr::V4(SocketAddrV4::new(local_ip, DATA_PORT));
         let mut backend = SocketBackend::bind(addr, &SocketConfig::default()).expect("bind");
         report(&[("event", "ready".to_owned())]);
@@ -101,6 +107,8 @@ fn run_receiver_child() {
         ..DpdkConfig::default()
     };
     config.eal_args.push(env("KX_VDEV"));
+    // The EAL pins the opening thread to lcore 0's CPUs.
+    config.lcores = cpu.map(|cpu| format!("0@{cpu}"));
     let mut backend = DpdkBackend::open(&config).unwrap_or_else(|err| panic!("{err}"));
     let (_, in_use_at_start) = backend.pool_usage();
     report(&[
@@ -190,6 +198,16 @@ fn run(test: &str, pair: &VethPair, receiver: Receiver, load: &Load) -> Run {
         ("KX_LINGER_MS", linger_ms.to_string()),
         ("KX_IDLE_END_MS", idle_end_ms.to_string()),
         ("KX_TIMEOUT_MS", timeout_ms.to_string()),
+        // Open-loop runs pin the receiver to CPU 1 and the producer to CPU 0.
+        (
+            "KX_CPU",
+            if matches!(load, Load::OpenLoop { .. }) {
+                "1"
+            } else {
+                ""
+            }
+            .to_owned(),
+        ),
     ];
     let mut child = Child::spawn(test, "rx", Some(&pair.ns_b), &envs);
     let child_pid = child.pid();
@@ -207,6 +225,7 @@ fn run(test: &str, pair: &VethPair, receiver: Receiver, load: &Load) -> Run {
             per_datagram,
             duration,
         } => pair.in_ns(&pair.ns_a, move || {
+            pin_to(0);
             let socket = UdpSocket::bind(from).expect("producer socket");
             // ARP gets resolved here (the DPDK backend answers it).
             wait_for_receiver(&socket, to, Duration::from_secs(10));
@@ -302,8 +321,9 @@ fn dpdk_veth_af_xdp_100k_frames_arrive_exactly_once() {
 /// Ingest rate of each receiver on the same veth, same producer, same run:
 /// kernel UDP socket backend, DPDK af_packet, DPDK af_xdp; 1 and 16 frames
 /// per datagram, open loop (the producer does not wait for ACKs, so the
-/// receiver drops what it cannot take). Prints a table; checks that what
-/// arrived is intact.
+/// receiver drops what it cannot take). The producer is pinned to CPU 0,
+/// the receiver to CPU 1 (the veth's softirq work runs on the producer's
+/// CPU). Prints a table; checks that what arrived is intact.
 #[test]
 #[ignore = "measurement (about 30 s); run with --ignored --nocapture"]
 fn dpdk_veth_ingest_rate() {

@@ -215,6 +215,16 @@ where
         .unwrap_or_else(|err| panic!("{key}={value}: {err:?}"))
 }
 
+/// Pin the calling thread to `cpu` (when the machine has it).
+pub fn pin_to(cpu: usize) {
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) <= cpu {
+        return;
+    }
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set).expect("sched_setaffinity");
+}
+
 /// The payload of DATA frame `sequence`: derived from it, so the receiver
 /// can check it beyond the CRC.
 pub fn payload_of(sequence: u64) -> [u8; PAYLOAD_LEN] {
