@@ -545,6 +545,7 @@ fn deserialize_collecting<T: serde::de::DeserializeOwned>(
     prefix: &str,
     problems: &mut Vec<ConfigProblem>,
 ) -> Option<T> {
+    let reported_from = problems.len();
     // Each round drops one key, so this ends; the cap guards against a
     // deserializer error that names no key we can drop.
     for _ in 0..256 {
@@ -557,8 +558,9 @@ fn deserialize_collecting<T: serde::de::DeserializeOwned>(
             match segment {
                 serde_path_to_error::Segment::Map { key } => path.push(key.clone()),
                 serde_path_to_error::Segment::Seq { index } => path.push(index.to_string()),
-                serde_path_to_error::Segment::Enum { .. }
-                | serde_path_to_error::Segment::Unknown => {}
+                // An enum in TOML is `{ variant = { ... } }`: the variant is a key.
+                serde_path_to_error::Segment::Enum { variant } => path.push(variant.clone()),
+                serde_path_to_error::Segment::Unknown => {}
             }
         }
         let message = err.into_inner().message().to_string();
@@ -576,14 +578,45 @@ fn deserialize_collecting<T: serde::de::DeserializeOwned>(
                 allowed.trim_start_matches("one of ")
             ),
             (Some(_), None) => "unknown key".to_string(),
-            (None, _) => message,
+            (None, _) => match value_at(&value, &path) {
+                // Name the value when the deserializer's message does not.
+                Some(found) if !message.contains(found.trim_matches('"')) => {
+                    format!("{message} (found {found})")
+                }
+                _ => message,
+            },
         };
-        problems.push(ConfigProblem::new(key, message));
-        if path.is_empty() || !remove_path(&mut value, &path) {
+        // Dropping a bad key can leave its table incomplete (an enum variant
+        // without a field): that follow-on error is not reported again.
+        let follow_on = problems[reported_from..]
+            .iter()
+            .any(|p| key_is_under(&p.key, &key));
+        if !follow_on {
+            problems.push(ConfigProblem::new(key, message));
+        }
+        // Drop the bad key (or, when the path names no value, the closest
+        // table that holds one) so the next round gets further.
+        let removed = (1..=path.len())
+            .rev()
+            .any(|len| remove_path(&mut value, &path[..len]));
+        if !removed {
             return None;
         }
     }
     None
+}
+
+/// The value at `path`, in TOML syntax.
+fn value_at(value: &toml::Value, path: &[String]) -> Option<String> {
+    let mut current = value;
+    for part in path {
+        current = match current {
+            toml::Value::Table(table) => table.get(part)?,
+            toml::Value::Array(items) => items.get(part.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(value_text(current))
 }
 
 /// The field named by serde's "unknown field `x`, expected ..." message.
