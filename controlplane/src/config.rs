@@ -117,6 +117,9 @@ pub struct DataplaneSection {
     pub shard: ShardConfig,
     /// Socket backend settings.
     pub socket: SocketConfig,
+    /// Cores for the shard threads: "auto" (NIC-local, leaving the first
+    /// core to the OS), "none", or `{ list = [1, 2] }`.
+    pub cores: kaelix_dataplane::CoreSelection,
     /// AF_XDP backend settings (`interface` is required with `backend = "af_xdp"`).
     pub af_xdp: kaelix_dataplane::af_xdp::AfXdpConfig,
 }

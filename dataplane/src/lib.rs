@@ -20,6 +20,7 @@ pub mod pinning;
 pub mod shard;
 pub mod sink;
 pub mod socket;
+pub mod storage_sink;
 pub mod tunables;
 
 pub use counters::ShardCounters;

@@ -27,13 +27,14 @@ use hwlocality::topology::builder::TypeFilter;
 /// Which cores data-plane shards may use.
 ///
 /// In TOML: `cores = "auto"`, `cores = "none"` or `cores = { list = [2, 3] }`.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum CoreSelection {
     /// Cores local to the NIC's NUMA node (all usable cores when the interface
     /// has no PCI locality), skipping the machine's first core when another
     /// core is eligible: that core is left to the control plane and the OS.
     /// Distinct physical cores are used before SMT siblings.
+    #[default]
     Auto,
     /// Do not pin; the OS schedules the shards.
     None,

@@ -1,0 +1,541 @@
+//! Starting and stopping a single-node broker: one log, one busy-poll thread
+//! and one flusher thread per shard, plus the TCP fetch server.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Sender, bounded};
+use kaelix_dataplane::af_xdp::{AfXdpBackend, AfXdpInfo};
+use kaelix_dataplane::flow::{FlowKey, FlowTable};
+use kaelix_dataplane::pinning::{self, PinPlan};
+use kaelix_dataplane::{
+    Backend, BackendError, Shard, ShardCounters, ShardLinks, ShardTask, SocketBackend,
+};
+use kaelix_storage::{Flusher, LogConfig, LogReader, ShardLog, StreamConfig};
+
+use crate::config::{BackendKind, Config};
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A shard's log could not be opened (recovery refused, bad files, no memory...).
+    #[error("shard {shard}: cannot open its log: {source}")]
+    Log {
+        /// Shard id.
+        shard: u32,
+        /// The storage error.
+        #[source]
+        source: kaelix_storage::OpenError,
+    },
+    /// A configured stream could not be created.
+    #[error("shard {shard}: cannot create stream {stream_id}: {message}")]
+    Stream {
+        /// Shard id.
+        shard: u32,
+        /// Stream id.
+        stream_id: u32,
+        /// The storage error.
+        message: String,
+    },
+    /// The core selection cannot be applied.
+    #[error("data-plane cores: {source}")]
+    Pinning {
+        /// The pinning error.
+        #[source]
+        source: kaelix_dataplane::PinError,
+    },
+    /// The backend could not start (and fallback was not allowed).
+    #[error("shard {shard}: backend: {source}")]
+    Backend {
+        /// Shard id.
+        shard: u32,
+        /// The backend error.
+        #[source]
+        source: kaelix_dataplane::BackendError,
+    },
+    /// A thread could not be spawned.
+    #[error("cannot spawn thread {name}: {source}")]
+    Spawn {
+        /// Thread name.
+        name: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running shard as the control plane sees it.
+pub struct ShardHandle {
+    /// Shard id.
+    pub id: u32,
+    /// Its UDP data address.
+    pub data_addr: SocketAddr,
+    /// Backend name in use.
+    pub backend: &'static str,
+    /// The core its thread is pinned to, if any.
+    pub cpu: Option<usize>,
+    /// Its counters.
+    pub counters: Arc<ShardCounters>,
+    /// Its hot-reloadable loop settings (credit window, idle strategy).
+    pub tunables: Arc<kaelix_dataplane::ShardTunables>,
+    /// A reader of its log (clone freely).
+    pub reader: LogReader,
+    commands: Sender<ShardTask<ShardLog>>,
+    stop: Arc<AtomicBool>,
+    loop_thread: Option<JoinHandle<Result<(), kaelix_dataplane::ShardError>>>,
+    flusher_thread: Option<JoinHandle<()>>,
+}
+
+impl ShardHandle {
+    /// Run `task` on the shard's thread with its log in hand (bounded queue;
+    /// fails when the shard is gone or its queue is full).
+    pub fn submit(&self, task: ShardTask<ShardLog>) -> Result<(), String> {
+        self.commands
+            .try_send(task)
+            .map_err(|err| format!("shard {} does not take commands: {err}", self.id))
+    }
+
+    /// True while the shard's loop thread runs.
+    pub fn is_running(&self) -> bool {
+        self.loop_thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+/// A running broker.
+pub struct Broker {
+    shards: Vec<ShardHandle>,
+    data_dir: PathBuf,
+    temporary_dir: Option<tempfile::TempDir>,
+    warnings: Vec<String>,
+    flusher_stop: Arc<AtomicBool>,
+    xdp: Option<AfXdpInfo>,
+    pin_plan: PinPlan,
+}
+
+/// The data-plane backends opened at start.
+enum Backends {
+    Socket,
+    AfXdp(Vec<AfXdpBackend>, AfXdpInfo),
+}
+
+impl Backends {
+    fn interface(&self) -> Option<&str> {
+        match self {
+            Self::Socket => None,
+            Self::AfXdp(_, info) => Some(&info.interface),
+        }
+    }
+}
+
+/// What every shard start needs besides its backend.
+struct ShardParts<'a> {
+    config: &'a Config,
+    shard: u32,
+    data_dir: &'a Path,
+    flusher_stop: &'a Arc<AtomicBool>,
+    cpu: Option<usize>,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+impl Broker {
+    /// Open (or recover) every shard's log, create the configured streams,
+    /// bind the data ports and start the threads.
+    pub fn start(config: &Config) -> Result<Self, StartError> {
+        let (data_dir, temporary_dir) = match &config.broker.data_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+                    path: dir.clone(),
+                    source,
+                })?;
+                (dir.clone(), None)
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("kaelix-data-")
+                    .tempdir()
+                    .map_err(|source| StartError::DataDir {
+                        path: std::env::temp_dir(),
+                        source,
+                    })?;
+                (temp.path().to_path_buf(), Some(temp))
+            }
+        };
+        let mut warnings = Vec::new();
+        let mut backends = Self::open_backends(config, &mut warnings)?;
+        let plan = pinning::plan(
+            backends.interface(),
+            config.broker.shards as usize,
+            &config.dataplane.cores,
+        )
+        .map_err(|source| StartError::Pinning { source })?;
+        tracing::info!(reason = %plan.reason, "data-plane cores");
+        let flusher_stop = Arc::new(AtomicBool::new(false));
+        let mut shards = Vec::new();
+        for shard in 0..config.broker.shards {
+            let cpu = plan.assignments.get(shard as usize).copied().flatten();
+            let parts = ShardParts {
+                config,
+                shard,
+                data_dir: &data_dir,
+                flusher_stop: &flusher_stop,
+                cpu,
+            };
+            let handle = match &mut backends {
+                Backends::Socket => {
+                    let addr = config.shard_data_addr(shard);
+                    let backend = SocketBackend::bind(addr, &config.dataplane.socket)
+                        .map_err(|source| StartError::Backend { shard, source })?;
+                    let addr = backend
+                        .local_addr()
+                        .map_err(|source| StartError::Backend { shard, source })?;
+                    Self::start_shard(parts, backend, addr, &mut warnings)?
+                }
+                Backends::AfXdp(queues, _) => {
+                    let backend = queues.remove(0);
+                    Self::start_shard(parts, backend, config.shard_data_addr(shard), &mut warnings)?
+                }
+            };
+            shards.push(handle);
+        }
+        let xdp = match backends {
+            Backends::AfXdp(_, info) => Some(info),
+            Backends::Socket => None,
+        };
+        Ok(Self {
+            shards,
+            data_dir,
+            temporary_dir,
+            warnings,
+            flusher_stop,
+            xdp,
+            pin_plan: plan,
+        })
+    }
+
+    /// The configured backend, or the socket backend when it cannot be used
+    /// here and `dataplane.required` is off (with one warning).
+    fn open_backends(config: &Config, warnings: &mut Vec<String>) -> Result<Backends, StartError> {
+        let fallback = |warnings: &mut Vec<String>, reason: String| {
+            if config.dataplane.required {
+                return Err(StartError::Backend {
+                    shard: 0,
+                    source: BackendError::Unavailable {
+                        backend: "broker",
+                        reason: format!("{reason} (dataplane.required = true)"),
+                    },
+                });
+            }
+            warnings.push(format!("{reason}; using the socket backend"));
+            Ok(Backends::Socket)
+        };
+        match config.dataplane.backend {
+            BackendKind::Socket => Ok(Backends::Socket),
+            BackendKind::Dpdk => fallback(
+                warnings,
+                "the dpdk backend is not wired into the broker yet".to_string(),
+            ),
+            BackendKind::AfXdp => {
+                let mut af_xdp = config.dataplane.af_xdp.clone();
+                if config.broker.data_addr.port() != 0 {
+                    af_xdp.data_port = config.broker.data_addr.port();
+                }
+                match AfXdpBackend::open(&af_xdp) {
+                    Ok((queues, info)) => {
+                        if queues.len() != config.broker.shards as usize {
+                            return Err(StartError::Backend {
+                                shard: 0,
+                                source: BackendError::Unavailable {
+                                    backend: "af_xdp",
+                                    reason: format!(
+                                        "interface {} serves {} RX queue(s) {:?} but broker.shards = {}: \
+                                         set broker.shards to the number of queues, or \
+                                         dataplane.af_xdp.queues to as many queues as shards",
+                                        info.interface,
+                                        queues.len(),
+                                        info.queues,
+                                        config.broker.shards
+                                    ),
+                                },
+                            });
+                        }
+                        tracing::info!(
+                            interface = %info.interface,
+                            queues = ?info.queues,
+                            xdp_mode = ?info.xdp_mode,
+                            zero_copy = info.zero_copy,
+                            hugepages = info.hugepages,
+                            busy_poll = info.busy_poll,
+                            mtu = info.mtu,
+                            "af_xdp backend ready"
+                        );
+                        Ok(Backends::AfXdp(queues, info))
+                    }
+                    Err(err) if err.is_unavailable() => {
+                        fallback(warnings, format!("af_xdp is unavailable: {err}"))
+                    }
+                    Err(err) => Err(StartError::Backend {
+                        shard: 0,
+                        source: err.into(),
+                    }),
+                }
+            }
+        }
+    }
+
+    fn start_shard<B: Backend + 'static>(
+        parts: ShardParts<'_>,
+        backend: B,
+        data_addr: SocketAddr,
+        warnings: &mut Vec<String>,
+    ) -> Result<ShardHandle, StartError> {
+        let ShardParts {
+            config,
+            shard,
+            data_dir,
+            flusher_stop,
+            cpu,
+        } = parts;
+        let mut log_config = LogConfig::new(data_dir.join(format!("shard-{shard}")));
+        log_config.segment_size_bytes = config.storage.segment_size_mib * 1024 * 1024;
+        log_config.flush_interval_ns = config.storage.flush_interval_ms * 1_000_000;
+        log_config.retention_bytes = config.storage.retention_mib.map(|mib| mib * 1024 * 1024);
+        log_config.retention_age_ns = config.storage.retention_age_secs.map(|s| s * 1_000_000_000);
+        log_config.shared = config.storage.shared;
+        let (mut log, report) =
+            ShardLog::open(log_config).map_err(|source| StartError::Log { shard, source })?;
+        warnings.extend(
+            report
+                .warnings
+                .iter()
+                .map(|w| format!("shard {shard}: {w}")),
+        );
+        for stream in config
+            .streams
+            .iter()
+            .filter(|s| s.id % config.broker.shards == shard)
+        {
+            match log.stream_info(stream.id) {
+                Some(info) if info.durability == stream.durability => {}
+                Some(info) => warnings.push(format!(
+                    "stream {} keeps durability {} from its log; changing it to {} is not supported yet",
+                    stream.id, info.durability, stream.durability
+                )),
+                None => {
+                    let wanted = StreamConfig {
+                        durability: stream.durability,
+                    };
+                    log.create_stream(stream.id, wanted).map_err(|err| StartError::Stream {
+                        shard,
+                        stream_id: stream.id,
+                        message: err.to_string(),
+                    })?;
+                }
+            }
+        }
+        // Rebuild duplicate detection from what the log holds.
+        let mut reader = log.reader();
+        let mut flows = FlowTable::new(
+            config.dataplane.shard.initial_flows,
+            config.dataplane.shard.max_flows,
+        );
+        let streams: Vec<u32> = log.streams().map(|info| info.stream_id).collect();
+        recover_flows(&mut reader, &streams, &mut flows);
+
+        let backend_name = backend.name();
+        let flusher = log
+            .flusher()
+            .expect("a freshly opened log hands out its flusher");
+        let (commands, command_rx) = bounded(64);
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(ShardCounters::default());
+        let links = ShardLinks {
+            commands: command_rx,
+            stop: stop.clone(),
+            counters: counters.clone(),
+        };
+        let shard_loop = Shard::new(shard, backend, log, flows, &config.dataplane.shard, links);
+        let tunables = shard_loop.tunables();
+        let name = format!("kaelix-shard-{shard}");
+        let loop_thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                if let Some(cpu) = cpu
+                    && let Err(err) = pinning::pin_current_thread(cpu)
+                {
+                    tracing::warn!(shard, cpu, error = %err, "could not pin the shard thread; running unpinned");
+                }
+                shard_loop.run()
+            })
+            .map_err(|source| StartError::Spawn { name, source })?;
+        let name = format!("kaelix-flush-{shard}");
+        let stop_flusher = flusher_stop.clone();
+        let flusher_thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || run_flusher(shard, flusher, &stop_flusher))
+            .map_err(|source| StartError::Spawn { name, source })?;
+        Ok(ShardHandle {
+            id: shard,
+            data_addr,
+            backend: backend_name,
+            cpu,
+            counters,
+            tunables,
+            reader,
+            commands,
+            stop,
+            loop_thread: Some(loop_thread),
+            flusher_thread: Some(flusher_thread),
+        })
+    }
+
+    /// The running shards.
+    pub fn shards(&self) -> &[ShardHandle] {
+        &self.shards
+    }
+
+    /// The shard owning `stream_id`.
+    pub fn shard_of(&self, stream_id: u32) -> &ShardHandle {
+        &self.shards[stream_id as usize % self.shards.len()]
+    }
+
+    /// Where the logs are.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// True when the data directory is temporary (removed at shutdown).
+    pub fn data_dir_is_temporary(&self) -> bool {
+        self.temporary_dir.is_some()
+    }
+
+    /// The AF_XDP backend's interface, mode and XDP program, when in use.
+    pub fn xdp(&self) -> Option<&AfXdpInfo> {
+        self.xdp.as_ref()
+    }
+
+    /// How shards were placed on cores, and why.
+    pub fn pin_plan(&self) -> &PinPlan {
+        &self.pin_plan
+    }
+
+    /// Warnings from start-up (fallbacks, normal pages instead of hugepages...).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// Stop the loops, then the flushers (which write and sync everything
+    /// appended), and wait for all threads.
+    pub fn shutdown(mut self) -> Result<(), String> {
+        let mut problems = Vec::new();
+        for shard in &self.shards {
+            shard.stop.store(true, Ordering::Release);
+        }
+        for shard in &mut self.shards {
+            if let Some(thread) = shard.loop_thread.take() {
+                match thread.join() {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => problems.push(err.to_string()),
+                    Err(_) => problems.push(format!("shard {} panicked", shard.id)),
+                }
+            }
+        }
+        self.flusher_stop.store(true, Ordering::Release);
+        for shard in &mut self.shards {
+            if let Some(thread) = shard.flusher_thread.take()
+                && thread.join().is_err()
+            {
+                problems.push(format!("flusher {} panicked", shard.id));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("; "))
+        }
+    }
+}
+
+/// The flusher thread: write and sync appended data; on stop, write and
+/// sync everything that was appended before returning.
+fn run_flusher(shard: u32, mut flusher: Flusher, stop: &AtomicBool) {
+    let mut failures = 0u64;
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        // On stop, a time far ahead makes the interval due: everything is synced.
+        let now = if stopping { u64::MAX / 2 } else { now_ns() };
+        match flusher.poll(now) {
+            Ok(progress) => {
+                failures = 0;
+                if stopping {
+                    if progress.synced >= progress.appended {
+                        return;
+                    }
+                    continue;
+                }
+                if progress.is_idle() {
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+            }
+            Err(err) => {
+                failures += 1;
+                // Log state changes, not every retry.
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::error!(shard, error = %err, failures, "flush failed; retrying");
+                }
+                if stopping && failures > 100 {
+                    tracing::error!(shard, "giving up the final flush");
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Rebuild each flow's last appended sequence from the log, so a producer's
+/// retransmit after a broker restart is recognised as a duplicate.
+fn recover_flows(reader: &mut LogReader, streams: &[u32], flows: &mut FlowTable) {
+    for &stream_id in streams {
+        let mut offset = match reader.stream_offsets(stream_id) {
+            Ok(Some((first, _next))) => first,
+            _ => continue,
+        };
+        while let Ok(batch) = reader.read(stream_id, offset, 4 << 20, u64::MAX) {
+            let mut read_any = false;
+            for record in batch {
+                // Damage is reported by the log's own recovery; stop at it here.
+                let Ok(record) = record else { break };
+                read_any = true;
+                if let Ok(frame) = kaelix_protocol::Frame::parse(record.bytes) {
+                    let key = FlowKey {
+                        producer_id: frame.producer_id(),
+                        stream_id,
+                    };
+                    flows.recover(key, frame.sequence(), record.offset);
+                }
+                offset = record.offset + 1;
+            }
+            if !read_any {
+                break;
+            }
+        }
+    }
+}
