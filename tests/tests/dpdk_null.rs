@@ -265,3 +265,62 @@ fn dpdk_hugepages_on_uses_them_or_refuses_clearly() {
     assert!(outcome == "hugepages" || outcome == "refused");
     assert!(!runtime_dir_of(pid).exists());
 }
+
+#[test]
+fn dpdk_null_two_queues_on_two_threads() {
+    if child_role().is_some() {
+        let config = DpdkConfig {
+            queues: 2,
+            ..null_config(&["--vdev=net_null0"])
+        };
+        // `open` is for one queue only.
+        assert!(matches!(
+            DpdkBackend::open(&config),
+            Err(DpdkError::InvalidConfig { key: "queues", .. })
+        ));
+        let backends = DpdkBackend::open_queues(&config).expect("open two queues");
+        assert_eq!(backends.len(), 2);
+        // Each backend moves to its own thread (as each shard does) and
+        // bursts on its own queue.
+        let threads: Vec<_> = backends
+            .into_iter()
+            .map(|mut backend| {
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        backend.recv_batch(&mut |_, _| {}).expect("recv_batch");
+                    }
+                    (backend.queue(), backend.counters().rx_frames, backend)
+                })
+            })
+            .collect();
+        let mut frames = Vec::new();
+        let mut backends = Vec::new();
+        for thread in threads {
+            let (queue, rx_frames, backend) = thread.join().expect("queue thread");
+            frames.push(format!("{queue}:{rx_frames}"));
+            backends.push(backend);
+        }
+        report(&[("event", "done".to_owned()), ("frames", frames.join(","))]);
+        // Closing all but the last leaves the port up; the last shuts it down.
+        for backend in backends {
+            backend.close().expect("clean shutdown");
+        }
+        return;
+    }
+    let _lock = dpdk_lock();
+    let mut child = Child::spawn("dpdk_null_two_queues_on_two_threads", "queues", None, &[]);
+    let pid = child.pid();
+    let done = child.wait_report("done", CHILD_TIMEOUT);
+    child.finish(CHILD_TIMEOUT);
+    let mut frames: Vec<String> = get::<String>(&done, "frames")
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    frames.sort();
+    assert_eq!(
+        frames,
+        ["0:3200", "1:3200"],
+        "100 bursts of 32 on each queue"
+    );
+    assert!(!runtime_dir_of(pid).exists());
+}

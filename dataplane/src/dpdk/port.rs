@@ -127,9 +127,17 @@ impl Port {
             });
         }
 
-        let conf = sys::rte_eth_conf::default();
+        let mut conf = sys::rte_eth_conf::default();
+        if config.queues > 1 && info.flow_type_rss_offloads != 0 {
+            // Spread flows over the queues by hashing on every field the
+            // device can hash (with DPDK's default key): one producer socket
+            // always lands on the same queue, so per-flow order holds.
+            conf.rxmode.mq_mode = sys::RTE_ETH_MQ_RX_RSS;
+            conf.rx_adv_conf.rss_conf.rss_hf = info.flow_type_rss_offloads;
+        }
         // SAFETY: valid port, stopped; conf is a zeroed rte_eth_conf (no
-        // offloads, no RSS, default MTU) that outlives the call.
+        // offloads, default MTU, RSS only as set above) that outlives the call;
+        // its rss_key is NULL (the driver's default key).
         check(port_id, "rte_eth_dev_configure", unsafe {
             sys::rte_eth_dev_configure(port_id, config.queues, config.queues, &conf)
         })?;
