@@ -13,6 +13,13 @@
 //!   without sockets; [`Producer`] drives it with one background thread and
 //!   a `std::net::UdpSocket`.
 //!
+//! - [`Consumer`]: reads one stream by offset, either remotely over the
+//!   broker's TCP fetch protocol ([`Consumer::remote`]) or locally by
+//!   mapping the broker's log read-only ([`Consumer::local`], no round trip
+//!   and no copy). [`Consumer::poll`] returns records borrowed from the
+//!   consumer, each frame's CRC checked; seek by offset; long-poll when
+//!   caught up (follow mode).
+//!
 //! What it leaves out on purpose: async runtimes (the producer is a small
 //! blocking driver; an async application can run the sans-IO core itself),
 //! compression and schemas (payloads are opaque bytes).
@@ -22,10 +29,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod consumer;
 pub mod producer;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
+pub use consumer::{ConsumeError, Consumer, ConsumerConfig, Record, Records, StartOffset};
 pub use producer::{
     Delivery, FailedMessage, FlowAck, ProduceError, Producer, ProducerBuilder, ProducerConfig,
     ProducerEvent, ProducerState, ProducerStats, SendError, Ticket,

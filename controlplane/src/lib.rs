@@ -8,6 +8,7 @@
 
 pub mod broker;
 pub mod config;
+pub mod fetch;
 pub mod layers;
 pub mod logging;
 pub mod pb;

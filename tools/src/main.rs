@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use kaelix_protocol::{Datagram, DatagramBuilder, MAX_DATAGRAM_LEN};
 
 mod admin;
+mod consume;
 mod produce;
 
 /// MemoryStreamer operator CLI.
@@ -34,6 +35,14 @@ enum Command {
     Broker(admin::BrokerArgs),
     /// Get, set, reload or check the configuration.
     Config(admin::ConfigArgs),
+    /// Print a stream's messages, over the fetch port or from the local log.
+    ///
+    /// Examples:
+    ///   kaelix consume --fetch 127.0.0.1:7001 --stream 1
+    ///   kaelix consume --fetch 127.0.0.1:7001 --stream 1 --from latest --follow
+    ///   kaelix consume --local /var/lib/kaelix --stream 1 --count 10
+    #[command(verbatim_doc_comment)]
+    Consume(consume::ConsumeArgs),
     /// Encode frames into one datagram, send it over loopback UDP to ourselves,
     /// decode and verify every frame, and print what arrived.
     ProtocolDemo {
@@ -46,6 +55,7 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Produce(args) => produce::run(args),
+        Command::Consume(args) => consume::run(args),
         Command::Stream(args) => admin::stream(args),
         Command::Broker(args) => admin::broker(args),
         Command::Config(args) => admin::config(args),
