@@ -1,14 +1,26 @@
-//! # kaelix-controlplane (being built)
+//! # kaelix-controlplane
 //!
-//! Will hold the tokio control plane: tonic gRPC admin API, configuration with
-//! validation and hot reload, openraft cluster metadata, replication and
-//! metrics. Nothing is implemented yet.
+//! The tokio control plane beside the data plane: starting a broker
+//! ([`broker`]), its configuration (schema and validation in [`config`],
+//! layering with the source of each value in [`layers`], hot reload in
+//! [`reload`]), the gRPC admin API ([`admin`], generated code in
+//! [`pb`]), Prometheus metrics ([`metrics`]), logs ([`logging`]), the
+//! TCP fetch server ([`fetch`]), and [`server::ControlPlane`], which runs the
+//! admin API, metrics and reloads next to a running broker. It reaches the
+//! busy-poll shards only through their bounded command queues
+//! ([`shard_call`]) and atomics, never by locking their state.
+//!
+//! Not here yet: the openraft cluster and replication.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod broker;
 pub mod config;
-pub mod fetch;
 pub mod layers;
 pub mod logging;
+pub mod metrics;
 pub mod pb;
+pub mod reload;
+pub mod server;
+pub mod shard_call;

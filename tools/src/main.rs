@@ -9,8 +9,8 @@ use clap::{Parser, Subcommand};
 use kaelix_protocol::{Datagram, DatagramBuilder, MAX_DATAGRAM_LEN};
 
 mod admin;
-mod consume;
 mod produce;
+mod serve;
 
 /// MemoryStreamer operator CLI.
 #[derive(Parser)]
@@ -22,6 +22,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a broker (socket backend on the embedded defaults unless configured).
+    ///
+    /// Examples:
+    ///   kaelix serve
+    ///   kaelix serve --config /etc/kaelix/broker.toml
+    ///   kaelix serve --data-dir /var/lib/kaelix --data-addr 127.0.0.1:7100
+    ///   KAELIX__STORAGE__RETENTION_MIB=4096 kaelix serve --set log.level=debug
+    #[command(verbatim_doc_comment)]
+    Serve(serve::ServeArgs),
     /// Send lines of stdin (or whole files) to a stream and wait for the acknowledgements.
     ///
     /// Examples:
@@ -35,14 +44,6 @@ enum Command {
     Broker(admin::BrokerArgs),
     /// Get, set, reload or check the configuration.
     Config(admin::ConfigArgs),
-    /// Print a stream's messages, over the fetch port or from the local log.
-    ///
-    /// Examples:
-    ///   kaelix consume --fetch 127.0.0.1:7001 --stream 1
-    ///   kaelix consume --fetch 127.0.0.1:7001 --stream 1 --from latest --follow
-    ///   kaelix consume --local /var/lib/kaelix --stream 1 --count 10
-    #[command(verbatim_doc_comment)]
-    Consume(consume::ConsumeArgs),
     /// Encode frames into one datagram, send it over loopback UDP to ourselves,
     /// decode and verify every frame, and print what arrived.
     ProtocolDemo {
@@ -53,14 +54,22 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    init_logging();
     match Cli::parse().command {
+        Command::Serve(args) => serve::run(args),
         Command::Produce(args) => produce::run(args),
-        Command::Consume(args) => consume::run(args),
         Command::Stream(args) => admin::stream(args),
         Command::Broker(args) => admin::broker(args),
         Command::Config(args) => admin::config(args),
         Command::ProtocolDemo { frames } => protocol_demo(frames),
     }
+}
+
+/// Human logs on stderr; `KAELIX_LOG` (or `RUST_LOG`) sets the filter,
+/// `KAELIX_LOG_FORMAT=json` switches to JSON lines; `kaelix serve` then
+/// applies the configuration's `[log]` and changes the filter on reload.
+fn init_logging() {
+    kaelix_controlplane::logging::init_from_env();
 }
 
 fn protocol_demo(frames: u64) -> anyhow::Result<()> {

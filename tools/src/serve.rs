@@ -1,0 +1,161 @@
+//! `kaelix serve`: run a broker until Ctrl-C / SIGTERM, with the admin API,
+//! the Prometheus endpoint and configuration reloads (file change, SIGHUP,
+//! `kaelix config reload`) on a small tokio runtime beside the shards.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use kaelix_controlplane::broker::Broker;
+use kaelix_controlplane::config::DEFAULT_CONFIG_TOML;
+use kaelix_controlplane::layers::ConfigLayers;
+use kaelix_controlplane::reload::ConfigManager;
+use kaelix_controlplane::server::ControlPlane;
+
+/// Options of `kaelix serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); keys not in it keep their defaults.
+    /// `KAELIX__SECTION__KEY` variables override it, flags override both.
+    #[arg(long, short, env = "KAELIX_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Override `broker.data_dir`.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Override `broker.data_addr` (UDP data port of shard 0).
+    #[arg(long)]
+    pub data_addr: Option<std::net::SocketAddr>,
+    /// Override `broker.fetch_addr` (TCP fetch protocol).
+    #[arg(long)]
+    pub fetch_addr: Option<std::net::SocketAddr>,
+    /// Override `admin.addr` (gRPC admin API).
+    #[arg(long)]
+    pub admin_addr: Option<std::net::SocketAddr>,
+    /// Override `metrics.addr` (Prometheus text at /metrics).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Override any key: `--set storage.retention_mib=4096` (repeatable; TOML values).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the embedded default configuration and exit.
+    #[arg(long)]
+    pub print_defaults: bool,
+}
+
+fn layers(args: &ServeArgs) -> anyhow::Result<ConfigLayers> {
+    let mut layers = ConfigLayers::new(args.config.clone()).with_process_env();
+    let text = |value: String| toml::Value::String(value);
+    if let Some(dir) = &args.data_dir {
+        layers.flag(
+            "--data-dir",
+            "broker.data_dir",
+            text(dir.display().to_string()),
+        );
+    }
+    for (flag, key, addr) in [
+        ("--data-addr", "broker.data_addr", args.data_addr),
+        ("--fetch-addr", "broker.fetch_addr", args.fetch_addr),
+        ("--admin-addr", "admin.addr", args.admin_addr),
+        ("--metrics-addr", "metrics.addr", args.metrics_addr),
+    ] {
+        if let Some(addr) = addr {
+            layers.flag(flag, key, text(addr.to_string()));
+        }
+    }
+    for assignment in &args.set {
+        layers
+            .set_flag(assignment)
+            .map_err(|problem| anyhow::anyhow!("--set {problem}"))?;
+    }
+    Ok(layers)
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if args.print_defaults {
+        print!("{DEFAULT_CONFIG_TOML}");
+        return Ok(());
+    }
+    let layers = layers(&args)?;
+    // Every problem of the file, the environment and the flags at once.
+    let resolved = layers.resolve()?;
+    let config = resolved.config.clone();
+    kaelix_controlplane::logging::apply(&config.log.level, config.log.format)
+        .map_err(|err| anyhow::anyhow!("log.level {err}"))?;
+
+    let broker = Broker::start(&config).context("starting the broker")?;
+    for warning in broker.warnings() {
+        tracing::warn!("{warning}");
+    }
+    for shard in broker.shards() {
+        tracing::info!(
+            shard = shard.id,
+            backend = shard.backend,
+            data_addr = %shard.data_addr,
+            "shard running"
+        );
+    }
+    tracing::info!(
+        data_dir = %broker.data_dir().display(),
+        temporary = broker.data_dir_is_temporary(),
+        streams = ?config.streams.iter().map(|s| (s.id, s.durability.name())).collect::<Vec<_>>(),
+        "broker ready"
+    );
+    println!(
+        "kaelix broker ready: data {} (udp), fetch {} (tcp), data dir {}",
+        broker.shards()[0].data_addr,
+        config.broker.fetch_addr,
+        broker.data_dir().display()
+    );
+
+    // --- control plane: admin API, metrics, reloads (issue 6) ---
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kaelix-control")
+        .enable_all()
+        .build()
+        .context("starting the control plane runtime")?;
+    let broker = runtime.block_on(async move {
+        let manager = ConfigManager::new(layers, resolved);
+        let mut control = match ControlPlane::start(broker, manager).await {
+            Ok(control) => control,
+            Err(failed) => {
+                let (error, broker) = *failed;
+                // Stop the shards cleanly before reporting.
+                let _ = broker.shutdown();
+                return Err(anyhow::Error::new(error).context("starting the control plane"));
+            }
+        };
+        control
+            .reload_on_sighup()
+            .context("installing the SIGHUP handler")?;
+        let metrics = control
+            .metrics_addr()
+            .map_or("off".to_string(), |addr| format!("http://{addr}/metrics"));
+        println!(
+            "kaelix admin ready: grpc {}, metrics {metrics}",
+            control.admin_addr()
+        );
+        wait_for_stop().await?;
+        tracing::info!("stopping: flushing and syncing the logs");
+        Ok::<_, anyhow::Error>(control.shutdown().await)
+    })?;
+    drop(runtime);
+    // --- end control plane ---
+
+    broker.shutdown().map_err(|err| anyhow::anyhow!(err))?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Until SIGINT (Ctrl-C) or SIGTERM.
+async fn wait_for_stop() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut terminate =
+        signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = interrupt.recv() => {}
+        _ = terminate.recv() => {}
+    }
+    Ok(())
+}
