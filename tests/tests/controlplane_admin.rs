@@ -346,3 +346,64 @@ async fn an_address_in_use_hands_the_broker_back() {
         .await
         .unwrap();
 }
+
+/// A credit window set over the admin API is what the running shard loop
+/// enforces on its next cycle: frames beyond it are refused (OUT_OF_WINDOW)
+/// and not appended; frames within it are acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_window_change_reaches_the_shard_loop() {
+    use kaelix_protocol::{Datagram, DatagramBuilder, ErrorCode, FrameKind, MAX_DATAGRAM_LEN};
+
+    let dir = tempfile::tempdir().unwrap();
+    let control = support::start(&support::write_config(dir.path(), "")).await;
+    let mut c = support::clients(&control).await;
+    c.config
+        .set(pb::ConfigSetRequest {
+            key: "dataplane.shard.credit_window".into(),
+            value: "2".into(),
+        })
+        .await
+        .unwrap();
+    let data_addr = control.state().broker.shards()[0].data_addr;
+    let replies = tokio::task::spawn_blocking(move || {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
+        let mut builder = DatagramBuilder::new(&mut buf);
+        for seq in 1..=3u64 {
+            builder.push_data(1, 77, seq, seq, b"x").unwrap();
+        }
+        socket.send_to(builder.as_bytes(), data_addr).unwrap();
+        let mut replies = Vec::new();
+        let mut reply = vec![0u8; 2048];
+        while replies.len() < 2 {
+            let n = socket.recv(&mut reply).expect("replies within 5 s");
+            for frame in Datagram::new(&reply[..n]).frames() {
+                let frame = frame.unwrap();
+                let code = frame.error().and_then(|(body, _)| body.error_code());
+                replies.push((frame.kind(), frame.sequence(), code));
+            }
+        }
+        replies
+    })
+    .await
+    .unwrap();
+    assert!(replies.contains(&(FrameKind::Ack, 2, None)), "{replies:?}");
+    assert!(
+        replies.contains(&(FrameKind::Error, 3, Some(ErrorCode::OutOfWindow))),
+        "{replies:?}"
+    );
+    let described = c
+        .streams
+        .describe(pb::DescribeStreamRequest { stream_id: 1 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        described.next_offset, 2,
+        "only the frames within the window"
+    );
+    support::stop(control).await;
+}
