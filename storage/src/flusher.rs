@@ -161,6 +161,11 @@ impl Flusher {
         } else if due {
             self.last_sync_ns = Some(now_ns);
         }
+        // Map the next live segment ahead of the roll, so the writer does not
+        // pay for creating and prefaulting it.
+        if progress.is_idle() || appended % size > size / 2 {
+            self.shared.prepare_next();
+        }
         progress.written = self.written;
         progress.synced = self.synced;
         Ok(progress)

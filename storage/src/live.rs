@@ -120,11 +120,27 @@ impl Live {
 
     /// Create and map live segment `number` of `size` bytes.
     pub fn create_segment(&self, number: u64, size: u64) -> Result<LiveSegment, LiveError> {
+        self.create(number, size, false)
+    }
+
+    /// Create live segment `number` ahead of its roll, under a `.next` name
+    /// (renamed when the writer takes it), so it never clashes with a segment
+    /// the writer creates itself.
+    pub fn create_segment_ahead(&self, number: u64, size: u64) -> Result<LiveSegment, LiveError> {
+        self.create(number, size, true)
+    }
+
+    fn create(&self, number: u64, size: u64, ahead: bool) -> Result<LiveSegment, LiveError> {
         match self.backing {
             LiveBacking::Hugetlbfs | LiveBacking::Shm => {
                 let path = self
                     .segment_path(number)
                     .expect("shared backings have a dir");
+                let path = if ahead {
+                    path.with_extension("next")
+                } else {
+                    path
+                };
                 let file = create_sized(&path, size).map_err(|err| (Some(path.clone()), err))?;
                 let mem =
                     SegmentMemory::map_file_rw(&file, size, self.populate).map_err(|err| {

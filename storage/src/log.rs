@@ -14,7 +14,7 @@ use crate::error::{AppendError, RetentionError, StreamError};
 use crate::flusher::Flusher;
 use crate::index::LogIndex;
 use crate::layout::{BATCH_HEADER_LEN, BatchHeader, SEGMENT_HEADER_LEN, SegmentHeader, frame_len};
-use crate::live::Live;
+use crate::live::{Live, LiveSegment};
 use crate::mem::{MetaPage, SegmentMemory, SegmentWriter, Slot};
 use crate::reader::{FollowState, LogReader};
 use crate::registry::{self, RegistryEntry};
@@ -115,6 +115,10 @@ pub(crate) struct Shared {
     /// Bumped (release) after every change of `list`.
     pub generation: AtomicU64,
     pub flusher_taken: AtomicBool,
+    /// How live segments are created (the flusher prepares the next one).
+    pub live: Live,
+    /// The next live segment, mapped (and prefaulted) ahead of the roll by the flusher.
+    pub prepared: Mutex<Option<(u64, LiveSegment)>>,
 }
 
 impl Shared {
@@ -132,6 +136,53 @@ impl Shared {
 
     pub fn index_path(&self, number: u64) -> PathBuf {
         self.segments_dir.join(format!("{number:020}.idx"))
+    }
+
+    /// The prepared live segment if it is for `number`, under its final
+    /// name (a stale one is dropped with its file).
+    pub fn take_prepared(&self, number: u64) -> Option<LiveSegment> {
+        let (prepared, (mem, path)) = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()?;
+        let Some(path) = path else {
+            return (prepared == number).then_some((mem, None));
+        };
+        if prepared == number {
+            let target = self
+                .live
+                .segment_path(number)
+                .expect("shared backings have a dir");
+            if fs::rename(&path, &target).is_ok() {
+                return Some((mem, Some(target)));
+            }
+        }
+        let _ = fs::remove_file(path);
+        None
+    }
+
+    /// Map the live segment after the active one ahead of time, if not done yet.
+    /// Called by the flusher, so the writer's roll only swaps mappings.
+    pub fn prepare_next(&self) {
+        let next = self.meta.load(Slot::ActiveSegment) + 1;
+        {
+            let prepared = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
+            if prepared.as_ref().is_some_and(|(number, _)| *number >= next) {
+                return;
+            }
+        }
+        // Errors are left for the writer's roll to report.
+        if let Ok(segment) = self.live.create_segment_ahead(next, self.segment_size) {
+            let stale = self
+                .prepared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace((next, segment));
+            if let Some((_, (_, Some(path)))) = stale {
+                let _ = fs::remove_file(path);
+            }
+        }
     }
 
     pub fn lock_list(&self) -> std::sync::MutexGuard<'_, VecDeque<Arc<SegmentHandle>>> {
@@ -402,14 +453,18 @@ impl ShardLog {
         let size = self.shared.segment_size;
         let old_number = self.active.number;
         let number = old_number + 1;
-        let (mem, live_path) = self
-            .live
-            .create_segment(number, size)
-            .map_err(|(path, err)| AppendError::Roll {
-                segment: number,
-                path,
-                reason: err.to_string(),
-            })?;
+        let prepared = self.shared.take_prepared(number);
+        let (mem, live_path) = match prepared {
+            Some(segment) => segment,
+            None => self
+                .live
+                .create_segment(number, size)
+                .map_err(|(path, err)| AppendError::Roll {
+                    segment: number,
+                    path,
+                    reason: err.to_string(),
+                })?,
+        };
         let mut writer =
             SegmentWriter::take(mem.clone()).expect("a new writable mapping has no writer yet");
         writer.write(0, SegmentHeader::new(number, size, now_ns).as_bytes());

@@ -290,6 +290,14 @@ impl ShardLog {
             for stale in list_segments(live_dir).map_err(io_err("listing", live_dir))? {
                 let _ = fs::remove_file(segment_file_name(live_dir, stale));
             }
+            // Segments a crashed flusher prepared ahead hold nothing.
+            if let Ok(entries) = fs::read_dir(live_dir) {
+                for entry in entries.flatten() {
+                    if entry.path().extension().is_some_and(|ext| ext == "next") {
+                        let _ = fs::remove_file(entry.path());
+                    }
+                }
+            }
         }
         let mut shared_files = Vec::new();
         let meta = if live.backing.is_shared() {
@@ -376,6 +384,8 @@ impl ShardLog {
             list: Mutex::new(handles),
             generation: AtomicU64::new(0),
             flusher_taken: AtomicBool::new(false),
+            live: live.clone(),
+            prepared: Mutex::new(None),
         });
         let log = ShardLog {
             shared,

@@ -105,7 +105,7 @@ fn crash_writer_child() {
         let mut at = 0;
         for k in 0..frames {
             let offset = base + k;
-            let body = payload(iteration, offset, rng.below(700) as usize);
+            let body = payload(iteration, offset, rng.below(4000) as usize);
             let n = encode_frame(
                 &mut buf[at..],
                 &FrameFields::data(stream, 1, offset + 1, 0),
