@@ -28,6 +28,45 @@
 //! - [`Follower`]: the same reads from another process, following the
 //!   shared meta page with no syscalls in the steady state.
 //!
+//! ## Example
+//!
+//! ```
+//! use kaelix_protocol::{FrameFields, encode_frame};
+//! use kaelix_storage::{DurabilityLevel, LiveMemory, LogConfig, ShardLog, StreamConfig};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let config = LogConfig {
+//!     segment_size_bytes: 2 << 20,
+//!     live_memory: LiveMemory::Anonymous,
+//!     shared: false,
+//!     ..LogConfig::new(dir.path())
+//! };
+//! let (mut log, report) = ShardLog::open(config)?;
+//! assert!(report.corruptions.is_empty());
+//! log.create_stream(7, StreamConfig { durability: DurabilityLevel::Flush })?;
+//!
+//! // Frames straight from a received datagram: validated slices, no copy before the log.
+//! let mut datagram = [0u8; 2 * 45];
+//! encode_frame(&mut datagram[..45], &FrameFields::data(7, 1, 1, 0), b"hello")?;
+//! encode_frame(&mut datagram[45..], &FrameFields::data(7, 1, 2, 0), b"world")?;
+//! let mut batch = log.begin_batch(7, /* now_ns */ 1_000)?;
+//! batch.push(&datagram[..45])?;
+//! batch.push(&datagram[45..])?;
+//! let outcome = batch.commit()?;
+//! assert_eq!((outcome.first_offset, outcome.last_offset), (0, 1));
+//!
+//! // The flusher runs on a thread the caller owns; here, inline.
+//! let mut flusher = log.flusher().expect("first flusher");
+//! flusher.poll(2_000)?;
+//! assert!(log.durable_position(DurabilityLevel::Flush) >= outcome.end_position); // ack now
+//!
+//! let mut reader = log.reader(); // Send + Clone
+//! let records: Vec<_> = reader.read(7, 0, 1 << 20, u64::MAX)?.collect::<Result<_, _>>()?;
+//! assert_eq!(records[1].offset, 1);
+//! assert_eq!(&records[1].bytes[40..], b"world");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! ## Positions and durability
 //!
 //! A *position* is a byte address in the log: `segment_number *
@@ -45,7 +84,10 @@
 //! A batch is acknowledged at level L once `durable_position(L) >=
 //! outcome.end_position`. An fsync-level commit also stores its end position
 //! as a sync request, which makes the next flusher poll fdatasync; otherwise
-//! the flusher syncs every `flush_interval_ns`.
+//! the flusher syncs every `flush_interval_ns`. The flusher also maps (and
+//! prefaults) the next live segment ahead of time under a `.next` name, so a
+//! roll on the writer thread is a rename and a swap, not a 64 MiB page-fault
+//! storm.
 //!
 //! ## Segment layout (all integers little-endian)
 //!
@@ -100,6 +142,7 @@
 //!  <dir>/segments/<n:020>.seg        disk copy of segment n (its length is the sealed length)
 //!  <dir>/segments/<n:020>.idx        index file of sealed segment n (own CRC)
 //!  <live>/<n:020>.seg                live copy (hugetlbfs or tmpfs), size bytes
+//!  <live>/<n:020>.next               next live segment prepared by the flusher
 //!  <live>/meta or /dev/shm/...meta   meta page: positions, one AtomicU64 per 128-byte line
 //! ```
 //!
@@ -181,3 +224,14 @@ pub use recovery::RecoveryReport;
 
 #[cfg(test)]
 mod tests;
+
+// The thread-crossing types must stay Send (and the reader Clone).
+const _: () = {
+    const fn send<T: Send>() {}
+    const fn clone<T: Clone>() {}
+    send::<ShardLog>();
+    send::<Flusher>();
+    send::<LogReader>();
+    send::<Follower>();
+    clone::<LogReader>();
+};
