@@ -82,7 +82,9 @@ pub struct DpdkConfig {
     pub port_id: u16,
     /// RX/TX queue pairs, one backend (data-plane thread) each.
     pub queues: u16,
-    /// RX descriptors per queue (the driver may round it).
+    /// RX descriptors per queue (the driver may round or cap it). The
+    /// default, 4096, rides out the data-plane thread being descheduled for a
+    /// few milliseconds at several hundred thousand packets per second.
     pub rx_ring_size: u16,
     /// TX descriptors per queue (the driver may round it).
     pub tx_ring_size: u16,
@@ -116,9 +118,9 @@ impl Default for DpdkConfig {
             port_name: None,
             port_id: 0,
             queues: 1,
-            rx_ring_size: 1024,
+            rx_ring_size: 4096,
             tx_ring_size: 1024,
-            mbuf_count: 8191,
+            mbuf_count: 16383,
             mbuf_cache_size: 256,
             burst_size: 32,
             data_port: None,
