@@ -672,25 +672,33 @@ impl ShardLog {
 }
 
 impl Drop for ShardLog {
+    /// Closing: when no flusher was taken, copy what the disk copy lacks
+    /// (best effort, no fsync). Then, if the disk copy has everything, delete
+    /// the live files and the meta page; otherwise keep them for recovery
+    /// (a flusher running elsewhere may still be behind).
     fn drop(&mut self) {
-        let positions = self.positions();
         self.shared
             .meta
             .store(Slot::State, crate::recovery::STATE_CLOSED);
-        // Live files hold data the disk copy may lack; keep them for recovery
-        // unless the disk copy has everything.
-        if positions.synced >= positions.appended || positions.written >= positions.appended {
-            for handle in self.shared.lock_list().iter() {
-                if let Some(path) = &handle.live_path {
-                    let _ = fs::remove_file(path);
-                }
-            }
-            for path in &self.shared_files {
+        if let Some(mut flusher) = self.flusher() {
+            let _ = flusher.poll(0);
+        }
+        // A prepared segment holds nothing: drop it and its file.
+        let _ = self.shared.take_prepared(u64::MAX);
+        let positions = self.positions();
+        if positions.written < positions.appended {
+            return;
+        }
+        for handle in self.shared.lock_list().iter() {
+            if let Some(path) = &handle.live_path {
                 let _ = fs::remove_file(path);
             }
-            if let Some(dir) = &self.live.dir {
-                let _ = fs::remove_dir(dir);
-            }
+        }
+        for path in &self.shared_files {
+            let _ = fs::remove_file(path);
+        }
+        if let Some(dir) = &self.live.dir {
+            let _ = fs::remove_dir(dir);
         }
     }
 }
