@@ -477,6 +477,7 @@ impl Broker {
 /// sync everything that was appended before returning.
 fn run_flusher(shard: u32, mut flusher: Flusher, stop: &AtomicBool) {
     let mut failures = 0u64;
+    let mut idle_polls = 0u32;
     loop {
         let stopping = stop.load(Ordering::Acquire);
         // On stop, a time far ahead makes the interval due: everything is synced.
@@ -490,8 +491,14 @@ fn run_flusher(shard: u32, mut flusher: Flusher, stop: &AtomicBool) {
                     }
                     continue;
                 }
+                // Back off while idle (50 µs doubling to 2 ms) so an idle
+                // broker costs little; under load the loop never sleeps.
                 if progress.is_idle() {
-                    std::thread::sleep(Duration::from_micros(100));
+                    idle_polls = idle_polls.saturating_add(1);
+                    let sleep_us = (50u64 << idle_polls.min(6)).min(2_000);
+                    std::thread::sleep(Duration::from_micros(sleep_us));
+                } else {
+                    idle_polls = 0;
                 }
             }
             Err(err) => {

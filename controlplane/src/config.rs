@@ -978,7 +978,7 @@ mod tests {
     }
 
     fn config_idle_text() -> String {
-        "{ adaptive = { park_us = 1000, spin_cycles = 20000, yield_cycles = 200 } }".into()
+        "{ adaptive = { park_us = 10000, spin_cycles = 20000, yield_cycles = 200 } }".into()
     }
 
     #[test]

@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod broker;
 pub mod config;
+pub mod fetch;
 pub mod layers;
 pub mod logging;
 pub mod metrics;

@@ -28,7 +28,7 @@ impl Default for IdleStrategy {
         Self::Adaptive {
             spin_cycles: 20_000,
             yield_cycles: 200,
-            park_us: 1_000,
+            park_us: 10_000,
         }
     }
 }

@@ -6,11 +6,17 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use kaelix_controlplane::broker::Broker;
+use kaelix_controlplane::config::Config;
 use kaelix_controlplane::config::DEFAULT_CONFIG_TOML;
+use kaelix_controlplane::fetch::{FetchServerConfig, FetchServerThread, ShardedLogs};
 use kaelix_controlplane::layers::ConfigLayers;
 use kaelix_controlplane::reload::ConfigManager;
 use kaelix_controlplane::server::ControlPlane;
+use kaelix_protocol::DurabilityLevel;
 
 /// Options of `kaelix serve`.
 #[derive(Debug, Args)]
@@ -100,10 +106,18 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         streams = ?config.streams.iter().map(|s| (s.id, s.durability.name())).collect::<Vec<_>>(),
         "broker ready"
     );
+    // --- TCP fetch server for remote consumers ---
+    let fetch = match start_fetch_server(&broker, &config) {
+        Ok(fetch) => fetch,
+        Err(err) => {
+            let _ = broker.shutdown();
+            return Err(err);
+        }
+    };
     println!(
         "kaelix broker ready: data {} (udp), fetch {} (tcp), data dir {}",
         broker.shards()[0].data_addr,
-        config.broker.fetch_addr,
+        fetch.local_addr(),
         broker.data_dir().display()
     );
 
@@ -142,9 +156,43 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     drop(runtime);
     // --- end control plane ---
 
+    fetch.shutdown();
     broker.shutdown().map_err(|err| anyhow::anyhow!(err))?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// Serve fetches from every shard's log on `broker.fetch_addr`. A stream is
+/// served up to what is durable at its configured level (consumers never see
+/// data a crash could take back); streams created at runtime are served up to
+/// what was appended.
+fn start_fetch_server(broker: &Broker, config: &Config) -> anyhow::Result<FetchServerThread> {
+    let readers = broker
+        .shards()
+        .iter()
+        .map(|shard| shard.reader.clone())
+        .collect();
+    let levels: HashMap<u32, DurabilityLevel> = config
+        .streams
+        .iter()
+        .map(|s| (s.id, s.durability))
+        .collect();
+    let source = ShardedLogs::new(readers, move |stream| {
+        Some(
+            levels
+                .get(&stream)
+                .copied()
+                .unwrap_or(DurabilityLevel::Memory),
+        )
+    });
+    let threads = 1;
+    FetchServerThread::spawn(
+        config.broker.fetch_addr,
+        Arc::new(source),
+        FetchServerConfig::default(),
+        threads,
+    )
+    .with_context(|| format!("starting the fetch server on {}", config.broker.fetch_addr))
 }
 
 /// Until SIGINT (Ctrl-C) or SIGTERM.
