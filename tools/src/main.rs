@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use kaelix_protocol::{Datagram, DatagramBuilder, MAX_DATAGRAM_LEN};
 
 mod admin;
+mod bench;
 mod produce;
 mod serve;
 
@@ -44,6 +45,14 @@ enum Command {
     Broker(admin::BrokerArgs),
     /// Get, set, reload or check the configuration.
     Config(admin::ConfigArgs),
+    /// Producer load against a running broker: throughput and produce->ack latency.
+    ///
+    /// Examples:
+    ///   kaelix bench --duration 10 --message-size 64
+    ///   kaelix bench --rate 200000 --durability fsync --json
+    ///   kaelix bench --sender af-xdp --xdp-interface veth0 --broker 10.0.0.2:7000
+    #[command(verbatim_doc_comment)]
+    Bench(bench::BenchArgs),
     /// Encode frames into one datagram, send it over loopback UDP to ourselves,
     /// decode and verify every frame, and print what arrived.
     ProtocolDemo {
@@ -61,6 +70,7 @@ fn main() -> anyhow::Result<()> {
         Command::Stream(args) => admin::stream(args),
         Command::Broker(args) => admin::broker(args),
         Command::Config(args) => admin::config(args),
+        Command::Bench(args) => bench::run(args),
         Command::ProtocolDemo { frames } => protocol_demo(frames),
     }
 }
