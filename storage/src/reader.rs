@@ -352,16 +352,6 @@ impl LogReader {
         self.shared.positions()
     }
 
-    fn refresh_view(&mut self) {
-        let generation = self.shared.generation.load(Ordering::Acquire);
-        if generation != self.view.generation {
-            let list = self.shared.lock_list();
-            self.view.handles.clear();
-            self.view.handles.extend(list.iter().cloned());
-            self.view.generation = generation;
-        }
-    }
-
     /// Frames of `stream_id` from `from_offset`, at most about `max_bytes` of
     /// frames (at least one frame when any is available), never past
     /// `up_to_position` nor the appended position. Pass
@@ -375,47 +365,28 @@ impl LogReader {
         up_to_position: u64,
     ) -> Result<ReadBatch<'_>, ReadError> {
         let appended = self.shared.meta.load(Slot::Appended);
-        self.refresh_view();
         let limit = up_to_position.min(appended);
-        let size = self.shared.segment_size;
-        let first_position = self
-            .view
-            .handles
-            .first()
-            .map_or(0, |handle| handle.number * size);
         self.scratch.clear();
-        {
-            let mut state = self
-                .state
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let state = &mut *state;
-            if state.first_position < first_position {
-                state.index.trim_before(first_position);
-                state.first_position = first_position;
-                state.followed = state
-                    .followed
-                    .max(first_position + SEGMENT_HEADER_LEN as u64);
-            }
-            catch_up(&self.view, &mut state.index, &mut state.followed, appended)?;
-            let Some(slot) = state.index.streams.get(&stream_id) else {
-                return Ok(ReadBatch::new(
-                    &self.view,
-                    &[],
-                    stream_id,
-                    from_offset,
-                    max_bytes,
-                    limit,
-                ));
-            };
-            if let Some(at) = start_entry(stream_id, &slot.index, from_offset)? {
-                let interval = state.index.index_interval_bytes.max(1) as usize;
-                let window = (max_bytes / interval + 4).min(4096);
-                let entries = &slot.index.entries[at..];
-                self.scratch
-                    .extend_from_slice(&entries[..entries.len().min(window)]);
-            }
-        }
+        let scratch = &mut self.scratch;
+        let found = Self::with_index(
+            &self.shared,
+            &mut self.view,
+            &self.state,
+            appended,
+            |index| {
+                let Some(slot) = index.streams.get(&stream_id) else {
+                    return Ok(());
+                };
+                if let Some(at) = start_entry(stream_id, &slot.index, from_offset)? {
+                    let interval = index.index_interval_bytes.max(1) as usize;
+                    let window = (max_bytes / interval + 4).min(4096);
+                    let entries = &slot.index.entries[at..];
+                    scratch.extend_from_slice(&entries[..entries.len().min(window)]);
+                }
+                Ok(())
+            },
+        );
+        found?;
         Ok(ReadBatch::new(
             &self.view,
             &self.scratch,
@@ -426,21 +397,56 @@ impl LogReader {
         ))
     }
 
-    /// The first offset of `stream_id` and one past its last, as this reader knows them.
-    pub fn stream_offsets(&mut self, stream_id: u32) -> Result<Option<(u64, u64)>, ReadError> {
-        let appended = self.shared.meta.load(Slot::Appended);
-        self.refresh_view();
-        let mut state = self
-            .state
+    /// Refresh the view, then run `f` on the shared index once it followed
+    /// the log up to `appended` (and forgot what retention deleted).
+    fn with_index<T>(
+        shared: &Shared,
+        view: &mut View,
+        state: &Mutex<FollowState>,
+        appended: u64,
+        f: impl FnOnce(&LogIndex<()>) -> Result<T, ReadError>,
+    ) -> Result<T, ReadError> {
+        let generation = shared.generation.load(Ordering::Acquire);
+        if generation != view.generation {
+            let list = shared.lock_list();
+            view.handles.clear();
+            view.handles.extend(list.iter().cloned());
+            view.generation = generation;
+        }
+        let first_position = view
+            .handles
+            .first()
+            .map_or(0, |handle| handle.number * shared.segment_size);
+        let mut state = state
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let state = &mut *state;
-        catch_up(&self.view, &mut state.index, &mut state.followed, appended)?;
-        Ok(state
-            .index
-            .streams
-            .get(&stream_id)
-            .map(|slot| (slot.index.first_offset(), slot.index.next_offset)))
+        if state.first_position < first_position {
+            state.index.trim_before(first_position);
+            state.first_position = first_position;
+            state.followed = state
+                .followed
+                .max(first_position + SEGMENT_HEADER_LEN as u64);
+        }
+        catch_up(view, &mut state.index, &mut state.followed, appended)?;
+        f(&state.index)
+    }
+
+    /// The first offset of `stream_id` and one past its last, as this reader knows them.
+    pub fn stream_offsets(&mut self, stream_id: u32) -> Result<Option<(u64, u64)>, ReadError> {
+        let appended = self.shared.meta.load(Slot::Appended);
+        Self::with_index(
+            &self.shared,
+            &mut self.view,
+            &self.state,
+            appended,
+            |index| {
+                Ok(index
+                    .streams
+                    .get(&stream_id)
+                    .map(|slot| (slot.index.first_offset(), slot.index.next_offset)))
+            },
+        )
     }
 
     /// The first offset of `stream_id` appended at or after `time_ns`, using
@@ -451,16 +457,13 @@ impl LogReader {
         time_ns: u64,
     ) -> Result<Option<u64>, ReadError> {
         let appended = self.shared.meta.load(Slot::Appended);
-        self.refresh_view();
-        let start = {
-            let mut state = self
-                .state
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            let state = &mut *state;
-            catch_up(&self.view, &mut state.index, &mut state.followed, appended)?;
-            position_for_time(&state.index, time_ns)
-        };
+        let start = Self::with_index(
+            &self.shared,
+            &mut self.view,
+            &self.state,
+            appended,
+            |index| Ok(position_for_time(index, time_ns)),
+        )?;
         let Some(mut position) = start else {
             return Ok(None);
         };

@@ -192,31 +192,95 @@ fn batch_errors_are_typed() {
 fn follower_sees_appends_through_shared_memory() {
     let dir = tempfile::tempdir().unwrap();
     let live = tempfile::tempdir_in("/dev/shm").unwrap();
-    let (mut log, _) = ShardLog::open(shm_config(dir.path(), live.path())).unwrap();
+    // One live segment kept: older ones move to their disk copy while the follower reads.
+    let cfg = LogConfig {
+        live_segments_max: 1,
+        ..shm_config(dir.path(), live.path())
+    };
+    let (mut log, _) = ShardLog::open(cfg).unwrap();
     log.create_stream(5, StreamConfig::default()).unwrap();
+    let mut flusher = log.flusher().unwrap();
     let mut follower = Follower::open(dir.path()).unwrap();
     let mut expected = Vec::new();
-    for i in 0..2000u64 {
-        let f = frame(5, i, 700);
-        log.append(5, &[&f], i).unwrap();
-        expected.push(f);
-    }
     let mut got = Vec::new();
     let mut next = 0;
-    loop {
-        let records: Vec<_> = follower
-            .read(5, next, 100_000, u64::MAX)
-            .unwrap()
-            .map(|r| r.unwrap().bytes.to_vec())
-            .collect();
-        if records.is_empty() {
-            break;
+    for round in 0..4u64 {
+        for i in 0..2000u64 {
+            let f = frame(5, round * 2000 + i, 700);
+            log.append(5, &[&f], i).unwrap();
+            expected.push(f);
         }
-        next += records.len() as u64;
-        got.extend(records);
+        flush_all(&log, &mut flusher);
+        loop {
+            let records: Vec<_> = follower
+                .read(5, next, 100_000, u64::MAX)
+                .unwrap()
+                .map(|r| r.unwrap().bytes.to_vec())
+                .collect();
+            if records.is_empty() {
+                break;
+            }
+            next += records.len() as u64;
+            got.extend(records);
+        }
     }
+    assert!(log.active.number >= 2, "the follower followed across rolls");
+    let live_files = std::fs::read_dir(live.path())
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "seg")
+        })
+        .count();
+    assert!(
+        live_files <= 2,
+        "old live copies were released ({live_files} left)"
+    );
     assert_eq!(got, expected);
     assert_eq!(follower.positions().appended, log.positions().appended);
+    // A follower attached late reads everything too (disk copies and live segment).
+    let mut late = Follower::open(dir.path()).unwrap();
+    assert_eq!(
+        late.read(5, 0, usize::MAX, u64::MAX).unwrap().count(),
+        expected.len()
+    );
+    assert_eq!(late.stream_offsets(5), Some((0, expected.len() as u64)));
+}
+
+#[test]
+fn time_index_finds_offsets_and_age_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        retention_age_ns: Some(1_000),
+        time_index_interval_bytes: 4096,
+        ..config(dir.path())
+    };
+    let (mut log, _) = ShardLog::open(cfg).unwrap();
+    log.create_stream(1, StreamConfig::default()).unwrap();
+    log.create_stream(2, StreamConfig::default()).unwrap();
+    let mut flusher = log.flusher().unwrap();
+    // Time t = 10 * i for offset i of stream 1; stream 2 every 7th batch.
+    for i in 0..3000u64 {
+        log.append(1, &[&frame(1, i, 2000)], 10 * i).unwrap();
+        if i % 7 == 0 {
+            log.append(2, &[&frame(2, i, 10)], 10 * i).unwrap();
+        }
+    }
+    let mut reader = log.reader();
+    assert_eq!(reader.offset_for_time(1, 0).unwrap(), Some(0));
+    assert_eq!(reader.offset_for_time(1, 12_345).unwrap(), Some(1235));
+    assert_eq!(reader.offset_for_time(2, 12_345).unwrap(), Some(177)); // batch i = 1239
+    assert_eq!(reader.offset_for_time(1, 10 * 3000).unwrap(), None);
+    flush_all(&log, &mut flusher);
+    // Everything but the last segment is older than 1 us at t = 30_000 + 10_000.
+    let report = log.enforce_retention(40_000).unwrap();
+    assert!(report.segments_deleted >= 2, "{report:?}");
+    let first = log.stream_info(1).unwrap().first_offset;
+    assert!(first > 0);
+    assert_eq!(reader.offset_for_time(1, 0).unwrap(), Some(first));
 }
 
 #[test]
