@@ -76,6 +76,30 @@ fn client_produce_batches_and_delivers_in_order() {
 }
 
 #[test]
+fn client_produce_small_buffer_blocks_and_resumes_quickly() {
+    let broker = broker(&[1], Faults::default());
+    let producer = Producer::builder(broker.addr())
+        .config(kaelix_client::ProducerConfig {
+            buffer_frames_max: 32,
+            ..kaelix_client::ProducerConfig::default()
+        })
+        .block_timeout(Duration::from_secs(30))
+        .producer_id(PRODUCER_ID)
+        .connect()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let sent = send_many(&producer, &[1], 5_000);
+    producer.flush(FLUSH).unwrap();
+    // Blocked senders wake on each acknowledgement, not at the block timeout.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_stored_in_order(&broker, 1, &sent[0]);
+}
+
+#[test]
 fn client_produce_exactly_once_under_loss_duplication_and_reordering() {
     let faults = Faults {
         drop_in_permille: 50,

@@ -110,7 +110,8 @@ fn produce(args: ProduceArgs) -> anyhow::Result<()> {
         .and_then(|ack| ack.offset)
         .map_or_else(|| "-".to_string(), |offset| offset.to_string());
     eprintln!(
-        "sent {messages} messages ({bytes} bytes) to stream {} in {:.1} ms as producer {}: {acked} acknowledged at level {level}, last offset {offset}{}",
+        "sent {messages} message{} ({bytes} bytes) to stream {} in {:.1} ms as producer {}: {acked} acknowledged at level {level}, last offset {offset}{}",
+        if messages == 1 { "" } else { "s" },
         args.stream,
         elapsed.as_secs_f64() * 1000.0,
         producer.producer_id(),

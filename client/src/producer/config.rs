@@ -36,6 +36,13 @@ pub struct ProducerConfig {
     pub retransmit_timeout_max: Duration,
     /// Silence after which a producer with unacknowledged frames sends a HEARTBEAT.
     pub heartbeat_interval: Duration,
+    /// Congestion window at the start of a flow, in frames. It doubles every
+    /// round trip until the first loss, then grows by one frame per round
+    /// trip; a loss halves it (a timeout drops it to the minimum). Frames in
+    /// flight stay within both this window and the broker's credit.
+    pub congestion_window_initial: usize,
+    /// Smallest congestion window, in frames.
+    pub congestion_window_min: usize,
 }
 
 impl Default for ProducerConfig {
@@ -51,6 +58,8 @@ impl Default for ProducerConfig {
             retransmit_timeout_min: Duration::from_millis(5),
             retransmit_timeout_max: Duration::from_secs(1),
             heartbeat_interval: Duration::from_millis(100),
+            congestion_window_initial: 64,
+            congestion_window_min: 8,
         }
     }
 }
@@ -126,6 +135,13 @@ impl ProducerConfig {
                 self.retransmit_timeout_max,
             ),
             "0 < min <= initial <= max",
+        )?;
+        check(
+            self.congestion_window_min >= 1
+                && self.congestion_window_min <= self.congestion_window_initial,
+            "congestion_window_min",
+            (self.congestion_window_min, self.congestion_window_initial),
+            "1 <= min <= initial",
         )?;
         check(
             !self.heartbeat_interval.is_zero(),

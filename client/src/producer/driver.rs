@@ -556,6 +556,8 @@ impl Inner {
                 shared.io_wake_at = None;
                 if received > 0 {
                     shared.core.handle_datagram(now, &buf[..received]);
+                    // Acknowledgements free buffer room that blocked senders wait for.
+                    self.changed.notify_all();
                 }
                 self.pump(&mut shared, now);
                 if self.stop.load(Ordering::Acquire) {

@@ -148,6 +148,8 @@ pub struct FlowAck {
     pub level: DurabilityLevel,
     /// Credit the broker granted beyond `sequence`.
     pub credit: u32,
+    /// The producer's congestion window for the flow, in frames.
+    pub congestion_window: u32,
 }
 
 /// Counters of a producer. Plain numbers; read them with [`ProducerState::stats`].
@@ -219,6 +221,12 @@ struct Flow {
     broker_acked: u64,
     /// Broker's credit beyond `broker_acked`.
     credit: u64,
+    /// Congestion window: frames in flight beyond `base - 1` (AIMD).
+    cwnd: u64,
+    /// Slow-start threshold of the congestion window.
+    ssthresh: u64,
+    /// Acknowledged frames counted towards the next window increment.
+    cwnd_growth: u64,
     /// Next sequence to transmit, `base..=base + slots.len()`.
     send_next: u64,
     /// Highest sequence ever transmitted (frames at or below go out flagged RETRANSMIT).
@@ -252,7 +260,7 @@ struct Flow {
 }
 
 impl Flow {
-    fn new(stream_id: u32, now: Instant, rto: Duration) -> Self {
+    fn new(stream_id: u32, now: Instant, config: &ProducerConfig) -> Self {
         Self {
             stream_id,
             phase: Phase::Opening,
@@ -261,6 +269,9 @@ impl Flow {
             first_number: 1,
             broker_acked: 0,
             credit: 0,
+            cwnd: config.congestion_window_initial as u64,
+            ssthresh: u64::MAX,
+            cwnd_growth: 0,
             send_next: OPENING_SEQUENCE,
             sent_high: 0,
             recover: 0,
@@ -268,7 +279,7 @@ impl Flow {
             skip_to: None,
             probe_outstanding: false,
             timer: None,
-            rto,
+            rto: config.retransmit_timeout_initial,
             srtt: None,
             rttvar: Duration::ZERO,
             last_heard: now,
@@ -285,9 +296,36 @@ impl Flow {
         self.base + self.slots.len() as u64
     }
 
-    /// Highest sequence the credit window allows in flight.
+    /// Highest sequence the credit window and the congestion window allow in flight.
     fn window_end(&self) -> u64 {
-        self.broker_acked.saturating_add(self.credit)
+        self.broker_acked
+            .saturating_add(self.credit)
+            .min((self.base - 1).saturating_add(self.cwnd))
+    }
+
+    /// `frames` newly acknowledged: grow the congestion window (doubling
+    /// per round trip below `ssthresh`, then one frame per window's worth).
+    fn on_acked(&mut self, frames: u64, config: &ProducerConfig) {
+        if self.cwnd < self.ssthresh {
+            self.cwnd += frames;
+        } else {
+            self.cwnd_growth += frames;
+            while self.cwnd_growth >= self.cwnd {
+                self.cwnd_growth -= self.cwnd;
+                self.cwnd += 1;
+            }
+        }
+        self.cwnd = self.cwnd.min(config.buffer_frames_max as u64);
+    }
+
+    /// A loss: halve the congestion window (after a duplicate ACK) or fall
+    /// back to the minimum (after a timeout).
+    fn on_loss(&mut self, timeout: bool, config: &ProducerConfig) {
+        let min = config.congestion_window_min as u64;
+        let in_flight = self.sent_high.saturating_sub(self.base - 1);
+        self.ssthresh = (in_flight / 2).max(min);
+        self.cwnd = if timeout { min } else { self.ssthresh };
+        self.cwnd_growth = 0;
     }
 
     /// Frames transmitted and not yet acknowledged exist.
@@ -457,6 +495,7 @@ impl ProducerState {
             offset: (flow.last_offset != NO_OFFSET).then_some(flow.last_offset),
             level: flow.level,
             credit: flow.credit.min(u64::from(u32::MAX)) as u32,
+            congestion_window: flow.cwnd.min(u64::from(u32::MAX)) as u32,
         })
     }
 
@@ -545,11 +584,7 @@ impl ProducerState {
             return index;
         }
         let index = self.flows.len();
-        self.flows.push(Flow::new(
-            stream_id,
-            now,
-            self.config.retransmit_timeout_initial,
-        ));
+        self.flows.push(Flow::new(stream_id, now, &self.config));
         self.by_stream.insert(stream_id, index);
         index
     }
@@ -659,6 +694,7 @@ impl ProducerState {
                 // The broker dropped something after `sequence` (a gap):
                 // go back to the first unacknowledged frame.
                 self.stats.fast_retransmits += 1;
+                flow.on_loss(false, config);
                 flow.recover = flow.sent_high;
                 flow.send_next = flow.base;
             }
@@ -672,10 +708,12 @@ impl ProducerState {
             flow.skip_to = None;
         }
         let mut sample = None;
+        let mut acked = 0;
         while self.flows[index].base <= sequence {
             let Some((ticket, seq, slot)) = self.pop_head(index) else {
                 break;
             };
+            acked += 1;
             if seq == sequence && slot.transmissions == 1 {
                 sample = slot.sent_at.map(|sent| now.saturating_duration_since(sent));
             }
@@ -694,6 +732,7 @@ impl ProducerState {
         let config = &self.config;
         let flow = &mut self.flows[index];
         flow.send_next = flow.send_next.max(flow.base);
+        flow.on_acked(acked, config);
         match sample {
             Some(sample) => flow.sample_rtt(sample, config),
             None => flow.rto = flow.computed_rto(config),
@@ -901,6 +940,7 @@ impl ProducerState {
                     }
                     Phase::Open => {
                         self.stats.timeouts += 1;
+                        flow.on_loss(true, config);
                         flow.send_next = flow.base;
                         flow.recover = flow.sent_high;
                     }

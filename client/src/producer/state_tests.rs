@@ -381,6 +381,50 @@ fn lost_datagram_is_retransmitted_on_duplicate_ack_before_the_timer() {
 }
 
 #[test]
+fn congestion_window_grows_then_halves_on_loss_and_collapses_on_timeout() {
+    let producer_config = ProducerConfig {
+        batch_frames_max: 8,
+        linger: Duration::ZERO,
+        ..config()
+    };
+    let mut sim = opened(producer_config, 12);
+    let window = |sim: &Sim| sim.producer.flow_ack(1).unwrap().congestion_window;
+    assert_eq!(window(&sim), 65, "initial 64, plus one acknowledged frame");
+    for i in 0..400u32 {
+        sim.send(1, &i.to_le_bytes()).unwrap();
+    }
+    sim.run_until_idle(Duration::from_secs(1));
+    let grown = window(&sim);
+    assert!(grown >= 400, "slow start doubles per round trip: {grown}");
+    // One lost datagram in a full window: the duplicate ACK halves it.
+    for i in 0..400u32 {
+        sim.send(1, &i.to_le_bytes()).unwrap();
+    }
+    sim.blackhole = 1;
+    sim.run_until_idle(Duration::from_secs(1));
+    let stats = sim.producer.stats();
+    assert_eq!(
+        (stats.fast_retransmits, stats.timeouts),
+        (1, 0),
+        "{stats:?}"
+    );
+    assert!(
+        window(&sim) < grown,
+        "{} after a loss, {grown} before",
+        window(&sim)
+    );
+    // Silence: the timer fires and the window falls to the minimum.
+    sim.send(1, b"lost").unwrap();
+    sim.blackhole = 1;
+    while sim.producer.stats().timeouts == 0 {
+        sim.step();
+    }
+    assert_eq!(window(&sim), 8);
+    sim.run_until_idle(Duration::from_secs(5));
+    assert_eq!(sim.broker.records(1).len(), 802);
+}
+
+#[test]
 fn silence_triggers_timeout_retransmission_with_backoff() {
     let mut sim = opened(config(), 5);
     sim.send(1, b"lost twice").unwrap();
