@@ -5,7 +5,7 @@
 #   make build     build the whole workspace (debug)
 #   make run       build and run kaelix (scripts/run.sh)
 #   make test      the full gate: what .ci/run and .github/workflows/quality.yml run
-#   make bench     run the criterion benchmarks
+#   make bench     criterion benchmarks and the end-to-end scripts (bench-*)
 #   make fuzz      fuzz the datagram decoder for FUZZ_SECONDS (default 300)
 #   make fmt       format the code
 #   make clippy    lint with warnings as errors
@@ -37,7 +37,8 @@ FUZZ_RUN = $(CARGO) fuzz run $(FUZZ_TARGET) --sanitizer none -a \
 	-dict=$(CURDIR)/fuzz/$(FUZZ_TARGET).dict -max_len=65507 -print_final_stats=1
 
 .PHONY: all setup build run test bench fuzz fmt clippy \
-	fmt-check check-deps test-suite bench-build fuzz-smoke
+	fmt-check check-deps test-suite bench-build fuzz-smoke \
+	bench-criterion bench-release bench-loopback bench-veth bench-peers
 
 all: build
 
@@ -69,12 +70,34 @@ clippy: setup
 test-suite: setup
 	$(CARGO) test --workspace $(CARGO_FLAGS)
 
-# Build (not run) every benchmark so they do not rot.
+# Build (not run) every benchmark so they do not rot. --bench '*' selects the
+# [[bench]] targets of every workspace member and leaves out the libraries'
+# empty libtest bench harnesses, which would build the whole workspace in the
+# release profile for nothing.
 bench-build: setup
-	$(CARGO) bench --workspace --no-run $(CARGO_FLAGS)
+	$(CARGO) bench --workspace --bench '*' --no-run $(CARGO_FLAGS)
 
-bench: setup
-	$(CARGO) bench --workspace $(CARGO_FLAGS)
+# Criterion micro benchmarks, then the end-to-end scripts (figures in
+# target/bench/; docs/performance.md says how they were produced).
+bench: setup bench-criterion bench-loopback bench-veth bench-peers
+
+bench-criterion: setup
+	$(CARGO) bench --workspace --bench '*' $(CARGO_FLAGS)
+
+bench-release: setup
+	$(CARGO) build --release -p kaelix-tools $(CARGO_FLAGS)
+
+# kaelix serve + kaelix bench on 127.0.0.1 at several loads.
+bench-loopback: bench-release
+	bash benches/scripts/loopback.sh
+
+# Socket vs AF_XDP backend on a veth pair between two namespaces (root).
+bench-veth: bench-release
+	bash benches/scripts/veth.sh
+
+# NATS (core, JetStream) and Redis Streams next to MemoryStreamer (root: apt-get).
+bench-peers: bench-release
+	bash benches/scripts/peers.sh
 
 fuzz-smoke: setup
 	mkdir -p $(FUZZ_CORPUS)
