@@ -129,6 +129,9 @@ pub struct Broker {
 enum Backends {
     Socket,
     AfXdp(Vec<AfXdpBackend>, AfXdpInfo),
+    /// One DPDK backend per shard (one queue pair each).
+    #[cfg(feature = "dpdk")]
+    Dpdk(Vec<kaelix_dataplane::dpdk::DpdkBackend>),
 }
 
 impl Backends {
@@ -136,6 +139,8 @@ impl Backends {
         match self {
             Self::Socket => None,
             Self::AfXdp(_, info) => Some(&info.interface),
+            #[cfg(feature = "dpdk")]
+            Self::Dpdk(_) => None,
         }
     }
 }
@@ -212,12 +217,19 @@ impl Broker {
                     let backend = queues.remove(0);
                     Self::start_shard(parts, backend, config.shard_data_addr(shard), &mut warnings)?
                 }
+                #[cfg(feature = "dpdk")]
+                Backends::Dpdk(queues) => {
+                    let backend = queues.remove(0);
+                    Self::start_shard(parts, backend, config.broker.data_addr, &mut warnings)?
+                }
             };
             shards.push(handle);
         }
         let xdp = match backends {
             Backends::AfXdp(_, info) => Some(info),
             Backends::Socket => None,
+            #[cfg(feature = "dpdk")]
+            Backends::Dpdk(_) => None,
         };
         Ok(Self {
             shards,
@@ -248,10 +260,7 @@ impl Broker {
         };
         match config.dataplane.backend {
             BackendKind::Socket => Ok(Backends::Socket),
-            BackendKind::Dpdk => fallback(
-                warnings,
-                "the dpdk backend is not wired into the broker yet".to_string(),
-            ),
+            BackendKind::Dpdk => Self::open_dpdk(config, warnings, fallback),
             BackendKind::AfXdp => {
                 let mut af_xdp = config.dataplane.af_xdp.clone();
                 if config.broker.data_addr.port() != 0 {
@@ -298,6 +307,54 @@ impl Broker {
                 }
             }
         }
+    }
+
+    /// Start DPDK's EAL and the port with one queue pair per shard. Every
+    /// shard takes `broker.data_addr`'s port; the device spreads flows over
+    /// the queues (RSS), so one producer socket stays on one shard.
+    #[cfg(feature = "dpdk")]
+    fn open_dpdk(
+        config: &Config,
+        warnings: &mut Vec<String>,
+        fallback: impl Fn(&mut Vec<String>, String) -> Result<Backends, StartError>,
+    ) -> Result<Backends, StartError> {
+        let mut dpdk = config.dataplane.dpdk.clone();
+        dpdk.queues = u16::try_from(config.broker.shards).unwrap_or(u16::MAX);
+        let data_addr = config.broker.data_addr;
+        if dpdk.data_port.is_none() && data_addr.port() != 0 {
+            dpdk.data_port = Some(data_addr.port());
+        }
+        if let (None, std::net::IpAddr::V4(ip)) = (dpdk.local_ipv4, data_addr.ip())
+            && !ip.is_unspecified()
+        {
+            dpdk.local_ipv4 = Some(ip);
+        }
+        match kaelix_dataplane::dpdk::DpdkBackend::open_queues(&dpdk) {
+            Ok(queues) => {
+                let first = &queues[0];
+                tracing::info!(
+                    port = first.port_id(),
+                    queues = queues.len(),
+                    mac = ?first.mac_address(),
+                    hugepages = first.hugepages(),
+                    "dpdk backend ready"
+                );
+                Ok(Backends::Dpdk(queues))
+            }
+            Err(err) => fallback(warnings, format!("dpdk is unavailable: {err}")),
+        }
+    }
+
+    #[cfg(not(feature = "dpdk"))]
+    fn open_dpdk(
+        _config: &Config,
+        warnings: &mut Vec<String>,
+        fallback: impl Fn(&mut Vec<String>, String) -> Result<Backends, StartError>,
+    ) -> Result<Backends, StartError> {
+        fallback(
+            warnings,
+            "the dpdk backend needs a build with the `dpdk` feature".to_string(),
+        )
     }
 
     fn start_shard<B: Backend + 'static>(

@@ -122,6 +122,10 @@ pub struct DataplaneSection {
     pub cores: kaelix_dataplane::CoreSelection,
     /// AF_XDP backend settings (`interface` is required with `backend = "af_xdp"`).
     pub af_xdp: kaelix_dataplane::af_xdp::AfXdpConfig,
+    /// DPDK backend settings (`backend = "dpdk"`, builds with the `dpdk` feature;
+    /// see docs/dpdk.md). `queues` follows `broker.shards`; `data_port` and
+    /// `local_ipv4` default to `broker.data_addr`.
+    pub dpdk: kaelix_dataplane::dpdk::DpdkConfig,
 }
 
 /// `[storage]`.

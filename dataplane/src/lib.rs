@@ -11,7 +11,6 @@ pub mod backend;
 
 pub use backend::{Backend, BackendError, BackendStats, LinkPeer, Peer};
 pub mod counters;
-#[cfg(feature = "dpdk")]
 pub mod dpdk;
 pub mod flow;
 pub mod idle;

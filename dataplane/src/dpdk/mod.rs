@@ -23,18 +23,26 @@
 //! hardware offloads and RSS configuration, DPDK multi-process. See
 //! `docs/dpdk.md` for operating it and for binding a real NIC.
 //!
+//! Without the cargo feature `dpdk` only the configuration and error types
+//! are compiled (so a broker's config file parses on every build); the
+//! backend itself needs the feature (and libdpdk-dev).
+//!
 //! `unsafe` in this crate is confined to this module (FFI with
 //! `kaelix-dpdk-sys`); each block states the invariant it relies on.
 #![allow(unsafe_code)]
 
+#[cfg(feature = "dpdk")]
 mod backend;
+#[cfg(feature = "dpdk")]
 mod eal;
+#[cfg(feature = "dpdk")]
 mod port;
 
 use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "dpdk")]
 pub use backend::{DpdkBackend, DpdkCounters, PortStats};
 
 use crate::backend::BackendError;
