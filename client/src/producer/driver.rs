@@ -241,6 +241,18 @@ impl std::fmt::Debug for Producer {
     }
 }
 
+/// The data address of the shard owning `stream_id` on a broker whose
+/// shard 0 listens at `broker` and whose `shards` shards listen on
+/// consecutive ports (shard `stream_id % shards`).
+pub fn shard_destination(broker: SocketAddr, shards: u16, stream_id: u32) -> SocketAddr {
+    let mut addr = broker;
+    if shards > 1 {
+        let shard = (stream_id % u32::from(shards)) as u16;
+        addr.set_port(addr.port().wrapping_add(shard));
+    }
+    addr
+}
+
 fn wall_clock_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -466,12 +478,7 @@ impl Inner {
 
     /// Where frames of `stream_id` go.
     fn destination(&self, stream_id: u32) -> SocketAddr {
-        let mut addr = self.broker;
-        if self.shards > 1 {
-            let shard = (stream_id % u32::from(self.shards)) as u16;
-            addr.set_port(addr.port().wrapping_add(shard));
-        }
-        addr
+        shard_destination(self.broker, self.shards, stream_id)
     }
 
     /// Wake the driver thread out of its socket wait (a 0-byte datagram to itself).

@@ -6,7 +6,7 @@ mod driver;
 mod state;
 
 pub use config::{ConfigError, DATAGRAM_LEN_DEFAULT, ProducerConfig, random_producer_id};
-pub use driver::{FailedMessage, ProduceError, Producer, ProducerBuilder};
+pub use driver::{FailedMessage, ProduceError, Producer, ProducerBuilder, shard_destination};
 pub use state::{
     Delivery, FlowAck, ProducerEvent, ProducerState, ProducerStats, SendError, Ticket, Transmit,
     is_permanent,
