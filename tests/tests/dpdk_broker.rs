@@ -14,12 +14,12 @@ mod dpdk_support;
 #[path = "xdp_support/mod.rs"]
 mod xdp_support;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use dpdk_support::{
-    Child, PRODUCER_ID, STREAM_ID, child_role, dpdk_lock, env, get, payload_of, report,
-    send_windowed, wait_for_receiver,
+    PRODUCER_ID, STREAM_ID, child_role, dpdk_lock, env, get, payload_of, produce_windowed, report,
+    run_against_child,
 };
 use kaelix_controlplane::broker::Broker;
 use kaelix_controlplane::config::{BackendKind, Config, StreamSection};
@@ -30,7 +30,6 @@ const TEST: &str = "dpdk_veth_broker_acknowledges_and_stores_100k_frames_exactly
 const DATA_PORT: u16 = 7000;
 const FRAMES: u64 = 100_000;
 const WINDOW: u64 = 256;
-const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// What the broker's log holds for the test stream.
 #[derive(Debug, Default)]
@@ -135,18 +134,13 @@ fn dpdk_veth_broker_acknowledges_and_stores_100k_frames_exactly_once() {
         ),
         ("KX_LOCAL_IP", pair.ip_b.to_string()),
     ];
-    let mut child = Child::spawn(TEST, "broker", Some(&pair.ns_b), &envs);
-    let child_pid = child.pid();
-    child.wait_report("ready", CHILD_TIMEOUT);
     let to = SocketAddr::V4(SocketAddrV4::new(pair.ip_b, DATA_PORT));
     let from = SocketAddr::V4(SocketAddrV4::new(pair.ip_a, 0));
-    let sent = pair.in_ns(&pair.ns_a, move || {
-        let socket = UdpSocket::bind(from).expect("producer socket");
-        wait_for_receiver(&socket, to, Duration::from_secs(10));
-        send_windowed(&socket, to, FRAMES, 1, WINDOW, Duration::from_secs(10))
+    let (sent, stored) = run_against_child(TEST, "broker", &pair.ns_b, &envs, "stored", || {
+        pair.in_ns(&pair.ns_a, move || {
+            produce_windowed(from, to, FRAMES, WINDOW)
+        })
     });
-    let stored = child.wait_report("stored", CHILD_TIMEOUT);
-    child.finish(CHILD_TIMEOUT);
     eprintln!("broker on dpdk-af_packet: producer {sent:?}; log {stored:?}");
 
     assert_eq!(sent.acked, FRAMES, "the broker acknowledged every frame");
@@ -164,10 +158,4 @@ fn dpdk_veth_broker_acknowledges_and_stores_100k_frames_exactly_once() {
     assert_eq!(get::<u64>(&stored, "last_sequence"), FRAMES);
     assert_eq!(get::<u64>(&stored, "duplicates"), 0);
     assert_eq!(get::<u64>(&stored, "errors_sent"), 0);
-    let runtime_dir = std::path::Path::new("/var/run/dpdk").join(format!("kaelix-{child_pid}"));
-    assert!(
-        !runtime_dir.exists(),
-        "{} was left behind",
-        runtime_dir.display()
-    );
 }

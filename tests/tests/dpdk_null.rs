@@ -8,10 +8,9 @@
 mod dpdk_support;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::Path;
 use std::time::Duration;
 
-use dpdk_support::{Child, child_role, dpdk_lock, get, report};
+use dpdk_support::{Child, child_role, dpdk_lock, get, report, runtime_dir_of};
 use kaelix_dataplane::dpdk::{DpdkBackend, DpdkConfig, DpdkError, HugepageMode};
 use kaelix_dataplane::{Backend, LinkPeer, Peer};
 
@@ -26,11 +25,6 @@ fn null_config(extra: &[&str]) -> DpdkConfig {
         .eal_args
         .extend(extra.iter().map(|arg| (*arg).to_owned()));
     config
-}
-
-/// The runtime directory a child's EAL used (root: /var/run/dpdk/kaelix-<pid>).
-fn runtime_dir_of(pid: u32) -> std::path::PathBuf {
-    Path::new("/var/run/dpdk").join(format!("kaelix-{pid}"))
 }
 
 #[test]

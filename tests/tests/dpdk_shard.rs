@@ -14,14 +14,14 @@ mod dpdk_support;
 #[path = "xdp_support/mod.rs"]
 mod xdp_support;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use dpdk_support::{
-    Child, PRODUCER_ID, STREAM_ID, child_role, dpdk_lock, env, get, payload_of, report,
-    send_windowed, wait_for_receiver,
+    PRODUCER_ID, STREAM_ID, child_role, dpdk_lock, env, get, payload_of, produce_windowed, report,
+    run_against_child,
 };
 use kaelix_dataplane::dpdk::{DpdkBackend, DpdkConfig};
 use kaelix_dataplane::flow::FlowTable;
@@ -35,7 +35,6 @@ const DATA_PORT: u16 = 7000;
 const FRAMES: u64 = 100_000;
 /// Producer window; the shard grants more credit than this.
 const WINDOW: u64 = 256;
-const CHILD_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A memory-durable log of one stream that checks what the shard appends:
 /// every frame parses (CRC), belongs to the test's flow, carries the payload
@@ -189,18 +188,13 @@ fn dpdk_veth_shard_loop_appends_100k_frames_exactly_once() {
         ),
         ("KX_LOCAL_IP", pair.ip_b.to_string()),
     ];
-    let mut child = Child::spawn(TEST, "shard", Some(&pair.ns_b), &envs);
-    let child_pid = child.pid();
-    child.wait_report("ready", CHILD_TIMEOUT);
     let to = SocketAddr::V4(SocketAddrV4::new(pair.ip_b, DATA_PORT));
     let from = SocketAddr::V4(SocketAddrV4::new(pair.ip_a, 0));
-    let sent = pair.in_ns(&pair.ns_a, move || {
-        let socket = UdpSocket::bind(from).expect("producer socket");
-        wait_for_receiver(&socket, to, Duration::from_secs(10));
-        send_windowed(&socket, to, FRAMES, 1, WINDOW, Duration::from_secs(10))
+    let (sent, got) = run_against_child(TEST, "shard", &pair.ns_b, &envs, "appended", || {
+        pair.in_ns(&pair.ns_a, move || {
+            produce_windowed(from, to, FRAMES, WINDOW)
+        })
     });
-    let got = child.wait_report("appended", CHILD_TIMEOUT);
-    child.finish(CHILD_TIMEOUT);
     eprintln!("shard on dpdk-af_packet: producer {sent:?}; shard {got:?}");
 
     assert_eq!(sent.acked, FRAMES, "the shard acknowledged every frame");
@@ -223,10 +217,4 @@ fn dpdk_veth_shard_loop_appends_100k_frames_exactly_once() {
     );
     assert_eq!(get::<u64>(&got, "duplicates"), 0);
     assert_eq!(get::<u64>(&got, "errors_sent"), 0);
-    let runtime_dir = std::path::Path::new("/var/run/dpdk").join(format!("kaelix-{child_pid}"));
-    assert!(
-        !runtime_dir.exists(),
-        "{} was left behind",
-        runtime_dir.display()
-    );
 }

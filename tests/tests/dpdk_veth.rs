@@ -15,12 +15,11 @@ mod xdp_support;
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::Path;
 use std::time::Duration;
 
 use dpdk_support::{
-    Child, ReceiveSpec, Sent, child_role, dpdk_lock, env, get, pin_to, receive, received_report,
-    report, send_open_loop, send_windowed, wait_for_receiver,
+    Child, ReceiveSpec, Sent, child_role, dpdk_lock, env, get, pin_to, produce_windowed, receive,
+    received_report, report, runtime_dir_of, send_open_loop, wait_for_receiver,
 };
 use kaelix_dataplane::dpdk::{DpdkBackend, DpdkConfig};
 use kaelix_dataplane::{Backend, SocketBackend, SocketConfig};
@@ -219,9 +218,7 @@ fn run(test: &str, pair: &VethPair, receiver: Receiver, load: &Load) -> Run {
     let from = SocketAddr::V4(SocketAddrV4::new(pair.ip_a, 0));
     let sent = match *load {
         Load::Windowed => pair.in_ns(&pair.ns_a, move || {
-            let socket = UdpSocket::bind(from).expect("producer socket");
-            wait_for_receiver(&socket, to, Duration::from_secs(10));
-            send_windowed(&socket, to, FRAMES, 1, WINDOW, Duration::from_secs(10))
+            produce_windowed(from, to, FRAMES, WINDOW)
         }),
         Load::OpenLoop {
             per_datagram,
@@ -296,7 +293,7 @@ fn exactly_once(test: &str, receiver: Receiver) {
         end <= start + 64,
         "mbufs in use grew from {start} to {end}: a leak"
     );
-    let runtime_dir = Path::new("/var/run/dpdk").join(format!("kaelix-{}", run.child_pid));
+    let runtime_dir = runtime_dir_of(run.child_pid);
     assert!(
         !runtime_dir.exists(),
         "{} was left behind",

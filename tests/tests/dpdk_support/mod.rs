@@ -202,6 +202,48 @@ impl Drop for Child {
     }
 }
 
+/// The EAL runtime directory a child used (as root: `/var/run/dpdk/kaelix-<pid>`).
+pub fn runtime_dir_of(pid: u32) -> std::path::PathBuf {
+    std::path::Path::new("/var/run/dpdk").join(format!("kaelix-{pid}"))
+}
+
+/// One run against a DPDK child: spawn `role` of `test` inside network
+/// namespace `ns` with `envs`, wait for its `ready` report, run `produce`
+/// (the producer, in the other namespace), wait for its `event` report and
+/// its exit, and check its EAL runtime directory is gone. Returns what the
+/// producer did and the child's report.
+pub fn run_against_child(
+    test: &str,
+    role: &str,
+    ns: &str,
+    envs: &[(&str, String)],
+    event: &str,
+    produce: impl FnOnce() -> Sent,
+) -> (Sent, HashMap<String, String>) {
+    const TIMEOUT: Duration = Duration::from_secs(120);
+    let mut child = Child::spawn(test, role, Some(ns), envs);
+    child.wait_report("ready", TIMEOUT);
+    let sent = produce();
+    let report = child.wait_report(event, TIMEOUT);
+    child.finish(TIMEOUT);
+    let runtime_dir = runtime_dir_of(child.pid());
+    assert!(
+        !runtime_dir.exists(),
+        "{} was left behind",
+        runtime_dir.display()
+    );
+    (sent, report)
+}
+
+/// The windowed producer: bind `from`, send HEARTBEATs until `to` answers
+/// (ARP gets resolved on the way), then send `count` frames, one per
+/// datagram, at most `window` unacknowledged.
+pub fn produce_windowed(from: SocketAddr, to: SocketAddr, count: u64, window: u64) -> Sent {
+    let socket = UdpSocket::bind(from).expect("producer socket");
+    wait_for_receiver(&socket, to, Duration::from_secs(10));
+    send_windowed(&socket, to, count, 1, window, Duration::from_secs(10))
+}
+
 /// A report value, parsed.
 pub fn get<T: std::str::FromStr>(report: &HashMap<String, String>, key: &str) -> T
 where
