@@ -122,21 +122,21 @@ impl Flusher {
                 path: handle.disk_path.clone(),
                 source,
             })?;
-            let index = handle.seal.get().and_then(|seal| {
-                seal.index_file
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take()
-            });
-            if let Some(bytes) = index {
-                // Not synced: a lost or torn index file is rebuilt by scanning.
-                registry::write_atomic(&handle.index_path, &bytes, false).map_err(|source| {
-                    FlushError::Create {
-                        path: handle.index_path.clone(),
-                        source,
-                    }
-                })?;
-            }
+            // Built here, off the writer thread, by the same index code;
+            // not synced: a lost or torn index file is rebuilt by scanning.
+            let index_error = |reason: String| FlushError::Create {
+                path: handle.index_path.clone(),
+                source: std::io::Error::other(reason),
+            };
+            let bytes =
+                crate::reader::segment_index_file(&handle.mem, number, size, end, &self.shared)
+                    .map_err(|err| index_error(err.to_string()))?;
+            registry::write_atomic(&handle.index_path, &bytes, false).map_err(|source| {
+                FlushError::Create {
+                    path: handle.index_path.clone(),
+                    source,
+                }
+            })?;
             self.current = None;
             self.written = (number + 1) * size;
             self.synced = self.written;

@@ -232,8 +232,9 @@ impl<M: Default> LogIndex<M> {
     }
 
     /// Encode the index file of segment `number`, sealed at `sealed_len`
-    /// bytes. Call when `number` is the newest segment with batches (so each
-    /// stream's `next_offset` is its end inside this segment).
+    /// bytes. Call when `number` is the newest segment this index has seen
+    /// (so each stream's `next_offset` is its end inside this segment): the
+    /// flusher indexes each sealed segment on its own, recovery in order.
     pub fn encode_segment(&self, number: u64, sealed_len: u64) -> Vec<u8> {
         let base = number * self.segment_size;
         let end = base + self.segment_size;

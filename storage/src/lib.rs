@@ -160,8 +160,9 @@
 //! whenever `index_interval_bytes` of its data passed), so an idle stream
 //! costs well under 1 KiB (the `storage` benchmark measures it at 1 M
 //! streams). Per segment: a time index of `(newest append time so far,
-//! position)` every `time_index_interval_bytes`. When a segment is sealed
-//! its index file is written by the flusher after the segment is synced;
+//! position)` every `time_index_interval_bytes`. When a segment is sealed,
+//! the flusher (off the writer thread) syncs it, then builds its index file
+//! by walking its batch headers with the same code, and writes it;
 //! recovery loads it when it matches the sealed length and its CRC,
 //! otherwise it rescans the segment and rewrites it.
 //!

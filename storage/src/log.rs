@@ -86,11 +86,10 @@ pub(crate) struct WriterStream {
     pub first_offset: u64,
 }
 
-/// Seal of a segment: its final length, and its index file until the flusher writes it.
+/// Seal of a segment: its final length (END record included).
 #[derive(Debug)]
 pub(crate) struct Seal {
     pub len: u64,
-    pub index_file: Mutex<Option<Vec<u8>>>,
 }
 
 /// One segment: live or disk mapping, files, seal.
@@ -115,6 +114,9 @@ pub(crate) struct Shared {
     /// Bumped (release) after every change of `list`.
     pub generation: AtomicU64,
     pub flusher_taken: AtomicBool,
+    /// Index settings, for the index files the flusher builds.
+    pub index_interval_bytes: u32,
+    pub time_interval_bytes: u32,
     /// How live segments are created (the flusher prepares the next one).
     pub live: Live,
     /// The next live segment, mapped (and prefaulted) ahead of the roll by the flusher.
@@ -476,7 +478,6 @@ impl ShardLog {
             .write(tail, BatchHeader::end(now_ns).as_bytes());
         let sealed_len = tail + BATCH_HEADER_LEN;
         self.active.writer.publish(sealed_len);
-        let index_file = self.index.encode_segment(old_number, sealed_len as u64);
         let handle = SegmentHandle {
             number,
             mem,
@@ -492,7 +493,6 @@ impl ShardLog {
             old.seal
                 .set(Seal {
                     len: sealed_len as u64,
-                    index_file: Mutex::new(Some(index_file)),
                 })
                 .expect("a segment is sealed once");
             list.push_back(Arc::new(handle));
@@ -542,10 +542,7 @@ impl ShardLog {
                 live_path: None,
                 disk_path: handle.disk_path.clone(),
                 index_path: handle.index_path.clone(),
-                seal: OnceLock::from(Seal {
-                    len,
-                    index_file: Mutex::new(None),
-                }),
+                seal: OnceLock::from(Seal { len }),
             });
             {
                 let mut list = self.shared.lock_list();

@@ -111,6 +111,48 @@ pub(crate) fn start_entry(
     Ok(index.floor(from_offset))
 }
 
+/// One segment on its own, to index it.
+struct OneSegment<'a> {
+    mem: &'a SegmentMemory,
+    number: u64,
+    size: u64,
+}
+
+impl SegmentSource for OneSegment<'_> {
+    fn segment_size(&self) -> u64 {
+        self.size
+    }
+
+    fn memory(&self, number: u64) -> Option<&SegmentMemory> {
+        (number == self.number).then_some(self.mem)
+    }
+
+    fn next_number(&self, _number: u64) -> Option<u64> {
+        None
+    }
+}
+
+/// The index file of sealed segment `number` (`sealed_len` bytes), built by
+/// walking its batch headers with the one index implementation.
+pub(crate) fn segment_index_file(
+    mem: &SegmentMemory,
+    number: u64,
+    size: u64,
+    sealed_len: u64,
+    shared: &Shared,
+) -> Result<Vec<u8>, ReadError> {
+    let source = OneSegment { mem, number, size };
+    let mut index: LogIndex<()> = LogIndex::new(
+        size,
+        shared.index_interval_bytes,
+        shared.time_interval_bytes,
+    );
+    let base = number * size;
+    let mut followed = base + SEGMENT_HEADER_LEN as u64;
+    catch_up(&source, &mut index, &mut followed, base + sealed_len)?;
+    Ok(index.encode_segment(number, sealed_len))
+}
+
 /// One frame read from the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record<'a> {

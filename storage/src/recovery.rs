@@ -384,6 +384,8 @@ impl ShardLog {
             list: Mutex::new(handles),
             generation: AtomicU64::new(0),
             flusher_taken: AtomicBool::new(false),
+            index_interval_bytes: config.index_interval_bytes,
+            time_interval_bytes: config.time_index_interval_bytes,
             live: live.clone(),
             prepared: Mutex::new(None),
         });
@@ -608,9 +610,6 @@ fn handle_for(
         live_path: None,
         disk_path,
         index_path,
-        seal: OnceLock::from(Seal {
-            len,
-            index_file: Mutex::new(None),
-        }),
+        seal: OnceLock::from(Seal { len }),
     }
 }
