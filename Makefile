@@ -36,7 +36,7 @@ FUZZ_RUN = $(CARGO) fuzz run $(FUZZ_TARGET) --sanitizer none -a \
 	--target-dir $(CARGO_TARGET_DIR) $(FUZZ_CORPUS) $(FUZZ_SEEDS) -- \
 	-dict=$(CURDIR)/fuzz/$(FUZZ_TARGET).dict -max_len=65507 -print_final_stats=1
 
-.PHONY: all setup build run test bench fuzz fmt clippy \
+.PHONY: all setup build run test bench fuzz fmt clippy test-dpdk \
 	fmt-check check-deps test-suite bench-build fuzz-smoke \
 	bench-criterion bench-release bench-loopback bench-veth bench-peers
 
@@ -52,7 +52,7 @@ run: setup
 	bash scripts/run.sh
 
 # The gate. Each step is also a target of its own (the GitHub workflows call them one by one).
-test: setup fmt-check check-deps clippy test-suite bench-build fuzz-smoke
+test: setup fmt-check check-deps clippy test-suite test-dpdk bench-build fuzz-smoke
 	@echo "make test: all steps passed"
 
 # fuzz/ is its own workspace, so `--all` does not reach it.
@@ -69,6 +69,14 @@ clippy: setup
 
 test-suite: setup
 	$(CARGO) test --workspace $(CARGO_FLAGS)
+
+# The DPDK backend is behind cargo feature `dpdk` (needs libdpdk-dev, which
+# scripts/setup.sh installs): lint it, and run its tests on virtual devices.
+test-dpdk: setup
+	$(CARGO) clippy -p kaelix-dataplane -p kaelix-controlplane -p kaelix-tests -p kaelix-tools \
+		--features kaelix-controlplane/dpdk,kaelix-tests/dpdk,kaelix-tools/dpdk --all-targets $(CARGO_FLAGS) -- -D warnings
+	$(CARGO) test -p kaelix-tests --features dpdk $(CARGO_FLAGS) \
+		--test dpdk_null --test dpdk_veth --test dpdk_shard --test dpdk_broker
 
 # Build (not run) every benchmark so they do not rot. --bench '*' selects the
 # [[bench]] targets of every workspace member and leaves out the libraries'
