@@ -153,7 +153,7 @@ fn run(config: &LogConfig, data: &Path, free_before: u64) {
     }
     drop(follower);
     drop(log);
-    let (mut log, report) = ShardLog::open(config.clone()).unwrap();
+    let (log, report) = ShardLog::open(config.clone()).unwrap();
     assert!(report.corruptions.is_empty());
     assert_eq!(log.stream_info(1).unwrap().next_offset, 60_000);
     let mut flusher = log.flusher().unwrap();
