@@ -10,12 +10,14 @@
 //! busy-poll shards only through their bounded command queues
 //! ([`shard_call`]) and atomics, never by locking their state.
 //!
-//! Not here yet: the openraft cluster and replication.
+//! The metadata Raft group (openraft) lives in [`cluster`]; stream data
+//! replication is not here yet.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod fetch;
 pub mod layers;

@@ -1,0 +1,231 @@
+//! openraft's network over tonic: the client side ([`NetworkFactory`],
+//! one [`NetworkClient`] per peer) and the server side ([`RaftService`]).
+//!
+//! openraft's messages travel as serde JSON inside `proto/cluster.proto`'s
+//! envelopes; snapshot chunks carry raw bytes. Both sides raise tonic's
+//! 4 MiB message limit to [`MESSAGE_BYTES_MAX`] so snapshots fit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use super::node::{ProposeError, Proposer};
+use super::pb::cluster_raft_client::ClusterRaftClient;
+use super::pb::cluster_raft_server::ClusterRaft;
+use super::pb::{RaftMessage, SnapshotChunk};
+use super::{MemberAddr, NodeId, Raft, TypeConfig};
+
+/// Largest gRPC message either side accepts or sends (tonic's default of
+/// 4 MiB is too small for snapshots).
+pub const MESSAGE_BYTES_MAX: usize = 256 << 20;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A lazily connecting client for the cluster RPCs at `addr` (`host:port`).
+pub fn client(addr: &str) -> Result<ClusterRaftClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .connect_lazy();
+    Ok(ClusterRaftClient::new(channel)
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX))
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<RaftMessage, serde_json::Error> {
+    Ok(RaftMessage {
+        json: serde_json::to_vec(value)?,
+    })
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(msg: &RaftMessage) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(&msg.json)
+}
+
+/// Creates one [`NetworkClient`] per peer for openraft.
+#[derive(Debug, Clone, Default)]
+pub struct NetworkFactory;
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = NetworkClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &MemberAddr) -> Self::Network {
+        NetworkClient {
+            target,
+            node: node.clone(),
+            client: client(&node.raft_addr).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The connection from this node to one peer.
+pub struct NetworkClient {
+    target: NodeId,
+    node: MemberAddr,
+    client: Result<ClusterRaftClient<Channel>, String>,
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<NodeId, MemberAddr, RaftError<NodeId, E>>>;
+
+// openraft's RaftNetwork fixes these error types; they are large by design.
+#[allow(clippy::result_large_err)]
+impl NetworkClient {
+    fn client<E: std::error::Error>(&self) -> RpcResult<ClusterRaftClient<Channel>, E> {
+        self.client.clone().map_err(|e| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("node {} address {}: {e}", self.target, self.node.raft_addr),
+            )))
+        })
+    }
+
+    /// Turn a reply (`Result<T, RaftError<E>>` as JSON) or a transport error
+    /// into openraft's RPC result.
+    fn finish<T, E>(&self, reply: Result<Response<RaftMessage>, Status>) -> RpcResult<T, E>
+    where
+        T: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let reply = reply.map_err(|status| match status.code() {
+            tonic::Code::Unavailable => RPCError::Unreachable(Unreachable::new(&status)),
+            _ => RPCError::Network(NetworkError::new(&status)),
+        })?;
+        let result: Result<T, RaftError<NodeId, E>> =
+            decode(reply.get_ref()).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.node.clone(),
+                e,
+            ))
+        })
+    }
+}
+
+fn with_timeout<T>(message: T, option: &RPCOption) -> Request<T> {
+    let mut request = Request::new(message);
+    request.set_timeout(option.hard_ttl());
+    request
+}
+
+impl RaftNetwork<TypeConfig> for NetworkClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<NodeId>> {
+        let mut client = self.client()?;
+        let message = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = client.append_entries(with_timeout(message, &option)).await;
+        self.finish(reply)
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<NodeId>, InstallSnapshotError> {
+        let mut client = self.client()?;
+        let chunk = (|| -> Result<SnapshotChunk, serde_json::Error> {
+            Ok(SnapshotChunk {
+                vote_json: serde_json::to_vec(&rpc.vote)?,
+                meta_json: serde_json::to_vec(&rpc.meta)?,
+                offset: rpc.offset,
+                data: rpc.data,
+                done: rpc.done,
+            })
+        })()
+        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = client.install_snapshot(with_timeout(chunk, &option)).await;
+        self.finish(reply)
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>> {
+        let mut client = self.client()?;
+        let message = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = client.vote(with_timeout(message, &option)).await;
+        self.finish(reply)
+    }
+}
+
+/// The server side of the cluster RPCs: hands openraft's requests to the
+/// local [`Raft`] and proposals to the local proposer.
+pub struct RaftService {
+    raft: Raft,
+    proposer: Arc<Proposer>,
+}
+
+impl RaftService {
+    /// Serve `raft`; proposals go through `proposer`.
+    pub(crate) fn new(raft: Raft, proposer: Arc<Proposer>) -> Self {
+        Self { raft, proposer }
+    }
+}
+
+fn bad_request(e: serde_json::Error) -> Status {
+    Status::invalid_argument(format!("undecodable cluster message: {e}"))
+}
+
+fn reply<T: Serialize>(value: &T) -> Result<Response<RaftMessage>, Status> {
+    encode(value)
+        .map(Response::new)
+        .map_err(|e| Status::internal(format!("unencodable reply: {e}")))
+}
+
+#[tonic::async_trait]
+impl ClusterRaft for RaftService {
+    async fn append_entries(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let rpc: AppendEntriesRequest<TypeConfig> =
+            decode(request.get_ref()).map_err(bad_request)?;
+        reply(&self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
+        let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad_request)?;
+        reply(&self.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        request: Request<SnapshotChunk>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let chunk = request.into_inner();
+        let rpc = InstallSnapshotRequest::<TypeConfig> {
+            vote: serde_json::from_slice(&chunk.vote_json).map_err(bad_request)?,
+            meta: serde_json::from_slice(&chunk.meta_json).map_err(bad_request)?,
+            offset: chunk.offset,
+            data: chunk.data,
+            done: chunk.done,
+        };
+        reply(&self.raft.install_snapshot(rpc).await)
+    }
+
+    async fn propose(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let command = decode(request.get_ref()).map_err(bad_request)?;
+        let result: Result<_, ProposeError> = self.proposer.propose_local(command).await;
+        reply(&result)
+    }
+}

@@ -1,0 +1,438 @@
+//! [`ClusterNode`]: one member of the metadata Raft group, with its cluster
+//! gRPC server. Start it, `init` the first members once, `join`/`leave` to
+//! change membership (openraft's joint consensus), `propose` metadata
+//! commands (forwarded to the leader), read `status` and `metadata`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::log_store::LogStore;
+use super::network::{self, MESSAGE_BYTES_MAX, NetworkFactory, RaftService};
+use super::pb::cluster_raft_server::ClusterRaftServer;
+use super::state_machine::StateMachineStore;
+use super::{ClusterMetadata, LogId, MemberAddr, MetadataCommand, MetadataResponse, NodeId, Raft};
+
+/// How to start a [`ClusterNode`].
+#[derive(Debug, Clone)]
+pub struct ClusterNodeConfig {
+    /// This node's id (unique in the cluster, never reused).
+    pub id: NodeId,
+    /// Address the cluster gRPC server binds (port 0 picks a free port).
+    pub raft_bind: SocketAddr,
+    /// This node's data-plane address, published to the cluster.
+    pub data_addr: String,
+    /// Directory for the Raft log, vote and snapshots.
+    pub dir: PathBuf,
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Election timeout range, lower bound (randomized by openraft per term).
+    pub election_timeout_min_ms: u64,
+    /// Election timeout range, upper bound.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_after_logs: u64,
+    /// Entries kept in the log after a snapshot (lagging followers read them
+    /// instead of receiving the snapshot).
+    pub logs_kept_after_snapshot: u64,
+}
+
+impl ClusterNodeConfig {
+    /// Defaults for node `id` with its files in `dir`: loopback port 0,
+    /// 50 ms heartbeats, 150-300 ms election timeouts, a snapshot every
+    /// 5000 entries.
+    pub fn new(id: NodeId, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            id,
+            raft_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_addr: String::new(),
+            dir: dir.into(),
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            snapshot_after_logs: 5000,
+            logs_kept_after_snapshot: 1000,
+        }
+    }
+}
+
+/// Why a node did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The Raft configuration is invalid (e.g. heartbeat not below the
+    /// election timeout).
+    #[error("invalid raft config: {0}")]
+    Config(String),
+    /// Opening the log or state machine, or binding the server, failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// openraft refused to start (storage error while loading state).
+    #[error("raft start: {0}")]
+    Raft(String),
+}
+
+/// Why a proposal or membership change failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum ProposeError {
+    /// This node is not the leader; retry at `leader_addr` if known.
+    #[error("not the leader; leader is {leader_id:?} at {leader_addr:?}")]
+    NotLeader {
+        /// The leader this node knows of.
+        leader_id: Option<NodeId>,
+        /// The leader's cluster address.
+        leader_addr: Option<String>,
+    },
+    /// The leader could not be reached for forwarding.
+    #[error("leader at {addr} unreachable: {message}")]
+    Unreachable {
+        /// The address tried.
+        addr: String,
+        /// The transport error.
+        message: String,
+    },
+    /// A membership change was refused (e.g. another one in progress, or a
+    /// node that is not a learner yet).
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    /// Raft stopped on this node (shut down or a storage failure).
+    #[error("raft stopped: {0}")]
+    Fatal(String),
+}
+
+fn from_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, MemberAddr>>) -> ProposeError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ProposeError::NotLeader {
+            leader_id: f.leader_id,
+            leader_addr: f.leader_node.map(|n| n.raft_addr),
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            ProposeError::Membership(c.to_string())
+        }
+        RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
+    }
+}
+
+/// Writes proposals to the local Raft; shared by [`ClusterNode`] and the
+/// gRPC service that receives forwarded proposals.
+pub(crate) struct Proposer {
+    raft: Raft,
+}
+
+impl Proposer {
+    /// Propose on this node; fails with `NotLeader` unless it leads.
+    pub(crate) async fn propose_local(
+        &self,
+        command: MetadataCommand,
+    ) -> Result<(LogId, MetadataResponse), ProposeError> {
+        let reply = self
+            .raft
+            .client_write(command)
+            .await
+            .map_err(from_write_error)?;
+        Ok((reply.log_id, reply.data))
+    }
+}
+
+/// One follower's replication progress, as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FollowerProgress {
+    /// The follower (voter or learner).
+    pub id: NodeId,
+    /// Highest log index known to match the leader's log.
+    pub matched_index: Option<u64>,
+    /// Entries the follower is behind the leader's last log index.
+    pub lag: u64,
+}
+
+/// A node's view of the cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterStatus {
+    /// This node.
+    pub id: NodeId,
+    /// Leader, Follower, Candidate, Learner or Shutdown.
+    pub state: String,
+    /// The leader this node knows of.
+    pub leader: Option<NodeId>,
+    /// Current term.
+    pub term: u64,
+    /// Last index in this node's log.
+    pub last_log_index: Option<u64>,
+    /// Last index applied to this node's state machine.
+    pub applied_index: Option<u64>,
+    /// Voters of the effective membership (both halves while joint).
+    pub voters: BTreeSet<NodeId>,
+    /// Every member, voters and learners.
+    pub members: BTreeMap<NodeId, MemberAddr>,
+    /// Replication progress per follower; filled on the leader only.
+    pub followers: Vec<FollowerProgress>,
+}
+
+/// A running member of the metadata Raft group.
+pub struct ClusterNode {
+    id: NodeId,
+    raft: Raft,
+    state_machine: StateMachineStore,
+    proposer: Arc<Proposer>,
+    addr: MemberAddr,
+    server_stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+}
+
+impl ClusterNode {
+    /// Open the node's files in `config.dir`, start Raft and the cluster
+    /// gRPC server. A node restarted from its directory resumes with its
+    /// log, vote and last snapshot.
+    pub async fn start(config: ClusterNodeConfig) -> Result<Self, StartError> {
+        let raft_config = Config {
+            cluster_name: "kaelix".into(),
+            heartbeat_interval: config.heartbeat_ms,
+            election_timeout_min: config.election_timeout_min_ms,
+            election_timeout_max: config.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_after_logs),
+            max_in_snapshot_log_to_keep: config.logs_kept_after_snapshot,
+            ..Config::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+        let io = |what: &str| {
+            let what = format!("{what} in {}", config.dir.display());
+            move |source| StartError::Io { what, source }
+        };
+        let log_store = LogStore::open(config.dir.join("raft")).map_err(io("open raft log"))?;
+        let state_machine =
+            StateMachineStore::open(config.dir.join("state")).map_err(io("open state machine"))?;
+        let listener = TcpListener::bind(config.raft_bind)
+            .await
+            .map_err(io(&format!("bind {}", config.raft_bind)))?;
+        let bound = listener.local_addr().map_err(io("local address"))?;
+        let raft = Raft::new(
+            config.id,
+            Arc::new(raft_config),
+            NetworkFactory,
+            log_store,
+            state_machine.clone(),
+        )
+        .await
+        .map_err(|e| StartError::Raft(e.to_string()))?;
+        let proposer = Arc::new(Proposer { raft: raft.clone() });
+        let service = ClusterRaftServer::new(RaftService::new(raft.clone(), proposer.clone()))
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let id = config.id;
+        let server = tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stop_rx.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(node = id, error = %e, "cluster gRPC server failed");
+            }
+        });
+        Ok(Self {
+            id: config.id,
+            raft,
+            state_machine,
+            proposer,
+            addr: MemberAddr {
+                raft_addr: bound.to_string(),
+                data_addr: config.data_addr,
+            },
+            server_stop: Some(stop_tx),
+            server,
+        })
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// This node's published addresses (the bound cluster address).
+    pub fn addr(&self) -> &MemberAddr {
+        &self.addr
+    }
+
+    /// The openraft handle, for what this API does not cover.
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Form a new cluster of `members` (voters). Call once, on one node, on
+    /// a fresh cluster; every member must be started.
+    pub async fn init(&self, members: BTreeMap<NodeId, MemberAddr>) -> Result<(), ProposeError> {
+        self.raft.initialize(members).await.map_err(|e| match e {
+            RaftError::APIError(api) => ProposeError::Membership(api.to_string()),
+            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
+        })
+    }
+
+    /// Add node `id` as a learner, wait until it has caught up, then make it
+    /// a voter (joint consensus). Call on the leader.
+    pub async fn join(&self, id: NodeId, addr: MemberAddr) -> Result<(), ProposeError> {
+        self.add_learner(id, addr).await?;
+        self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+            .await
+    }
+
+    /// Add node `id` as a non-voting learner and wait for it to catch up.
+    /// Call on the leader.
+    pub async fn add_learner(&self, id: NodeId, addr: MemberAddr) -> Result<(), ProposeError> {
+        self.raft
+            .add_learner(id, addr, true)
+            .await
+            .map(|_| ())
+            .map_err(from_write_error)
+    }
+
+    /// Remove node `id` from the voters and the members. Call on the leader.
+    pub async fn leave(&self, id: NodeId) -> Result<(), ProposeError> {
+        self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
+            .await?;
+        self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])))
+            .await
+    }
+
+    /// Apply a membership change through joint consensus. Call on the leader.
+    pub async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, MemberAddr>,
+    ) -> Result<(), ProposeError> {
+        self.raft
+            .change_membership(change, false)
+            .await
+            .map(|_| ())
+            .map_err(from_write_error)
+    }
+
+    /// Propose a metadata command; on a follower it is forwarded to the
+    /// leader. Returns once the command is committed and applied on the
+    /// leader, with the log id it got and the state machine's answer.
+    pub async fn propose(
+        &self,
+        command: MetadataCommand,
+    ) -> Result<(LogId, MetadataResponse), ProposeError> {
+        match self.proposer.propose_local(command.clone()).await {
+            Err(ProposeError::NotLeader {
+                leader_id: Some(leader),
+                leader_addr: Some(addr),
+            }) if leader != self.id => forward(&addr, &command).await,
+            other => other,
+        }
+    }
+
+    /// A copy of this node's applied metadata.
+    pub fn metadata(&self) -> ClusterMetadata {
+        self.state_machine.metadata()
+    }
+
+    /// This node's view: state, leader, term, log and applied indexes,
+    /// membership and (on the leader) each follower's progress.
+    pub fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let followers = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .filter(|(id, _)| **id != self.id)
+                    .map(|(id, matched)| {
+                        let matched_index = matched.map(|l| l.index);
+                        FollowerProgress {
+                            id: *id,
+                            matched_index,
+                            lag: matched_index.map_or(last + 1, |i| last.saturating_sub(i)),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let membership = m.membership_config.membership();
+        ClusterStatus {
+            id: self.id,
+            state: state_name(m.state).to_string(),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            voters: membership.voter_ids().collect(),
+            members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+            followers,
+        }
+    }
+
+    /// Wait until this node knows a leader, up to `timeout`.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> Option<NodeId> {
+        let waited = self
+            .raft
+            .wait(Some(timeout))
+            .metrics(|m| m.current_leader.is_some(), "leader known")
+            .await;
+        waited.ok().and_then(|m| m.current_leader)
+    }
+
+    /// Stop Raft and the cluster server. The files stay for a restart.
+    pub async fn shutdown(mut self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(node = self.id, error = %e, "raft shutdown");
+        }
+        if let Some(stop) = self.server_stop.take() {
+            let _ = stop.send(());
+        }
+        // Graceful shutdown waits for open HTTP/2 connections; peers keep
+        // theirs open, so give it a moment, then drop the server.
+        if tokio::time::timeout(Duration::from_millis(200), &mut self.server)
+            .await
+            .is_err()
+        {
+            self.server.abort();
+            let _ = (&mut self.server).await;
+        }
+    }
+}
+
+fn state_name(state: ServerState) -> &'static str {
+    match state {
+        ServerState::Leader => "Leader",
+        ServerState::Follower => "Follower",
+        ServerState::Candidate => "Candidate",
+        ServerState::Learner => "Learner",
+        ServerState::Shutdown => "Shutdown",
+    }
+}
+
+/// Send a proposal to the leader at `addr`.
+async fn forward(
+    addr: &str,
+    command: &MetadataCommand,
+) -> Result<(LogId, MetadataResponse), ProposeError> {
+    let unreachable = |message: String| ProposeError::Unreachable {
+        addr: addr.to_string(),
+        message,
+    };
+    let mut client = network::client(addr).map_err(|e| unreachable(e.to_string()))?;
+    let request = network::encode(command).map_err(|e| unreachable(e.to_string()))?;
+    let reply = client
+        .propose(request)
+        .await
+        .map_err(|s| unreachable(s.to_string()))?;
+    network::decode(reply.get_ref()).map_err(|e| unreachable(format!("undecodable reply: {e}")))?
+}
