@@ -95,7 +95,9 @@ pub struct ShardHandle {
     pub reader: LogReader,
     commands: Sender<ShardTask<ShardLog>>,
     stop: Arc<AtomicBool>,
-    loop_thread: Option<JoinHandle<Result<(), kaelix_dataplane::ShardError>>>,
+    /// The loop thread hands its log back when it stops, so the log is
+    /// dropped only after the flusher wrote and synced everything.
+    loop_thread: Option<JoinHandle<(Result<(), kaelix_dataplane::ShardError>, ShardLog)>>,
     flusher_thread: Option<JoinHandle<()>>,
 }
 
@@ -428,7 +430,7 @@ impl Broker {
             stop: stop.clone(),
             counters: counters.clone(),
         };
-        let shard_loop = Shard::new(shard, backend, log, flows, &config.dataplane.shard, links);
+        let mut shard_loop = Shard::new(shard, backend, log, flows, &config.dataplane.shard, links);
         let tunables = shard_loop.tunables();
         let name = format!("kaelix-shard-{shard}");
         let loop_thread = std::thread::Builder::new()
@@ -439,7 +441,8 @@ impl Broker {
                 {
                     tracing::warn!(shard, cpu, error = %err, "could not pin the shard thread; running unpinned");
                 }
-                shard_loop.run()
+                let result = shard_loop.run();
+                (result, shard_loop.into_sink())
             })
             .map_err(|source| StartError::Spawn { name, source })?;
         let name = format!("kaelix-flush-{shard}");
@@ -499,17 +502,27 @@ impl Broker {
     }
 
     /// Stop the loops, then the flushers (which write and sync everything
-    /// appended), and wait for all threads.
+    /// appended), wait for all threads, and close the logs (their live
+    /// segment files are removed once the disk copy has everything).
     pub fn shutdown(mut self) -> Result<(), String> {
+        self.stop_all()
+    }
+
+    fn stop_all(&mut self) -> Result<(), String> {
         let mut problems = Vec::new();
         for shard in &self.shards {
             shard.stop.store(true, Ordering::Release);
         }
+        let mut logs = Vec::new();
         for shard in &mut self.shards {
             if let Some(thread) = shard.loop_thread.take() {
                 match thread.join() {
-                    Ok(Ok(())) => {}
-                    Ok(Err(err)) => problems.push(err.to_string()),
+                    Ok((result, log)) => {
+                        logs.push(log);
+                        if let Err(err) = result {
+                            problems.push(err.to_string());
+                        }
+                    }
                     Err(_) => problems.push(format!("shard {} panicked", shard.id)),
                 }
             }
@@ -522,10 +535,21 @@ impl Broker {
                 problems.push(format!("flusher {} panicked", shard.id));
             }
         }
+        drop(logs);
         if problems.is_empty() {
             Ok(())
         } else {
             Err(problems.join("; "))
+        }
+    }
+}
+
+impl Drop for Broker {
+    /// A broker dropped without [`Broker::shutdown`] (a test that panicked,
+    /// an early return) still stops its threads and closes its logs.
+    fn drop(&mut self) {
+        if let Err(problems) = self.stop_all() {
+            tracing::error!(%problems, "broker stopped with errors");
         }
     }
 }

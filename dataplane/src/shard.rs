@@ -390,8 +390,10 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
         self.tunables.clone()
     }
 
-    /// Run until the stop flag is set or the backend fails.
-    pub fn run(mut self) -> Result<(), ShardError> {
+    /// Run until the stop flag is set or the backend fails. The shard (and so
+    /// its log) stays alive: drop it, or take the log with [`Shard::into_sink`],
+    /// once the flusher has caught up.
+    pub fn run(&mut self) -> Result<(), ShardError> {
         while !self.stop.load(Ordering::Acquire) {
             let worked = self.poll_once()?;
             if worked {
@@ -552,6 +554,11 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
             queued = true;
         }
         Ok(queued)
+    }
+
+    /// Give up the loop and keep the log (the backend is closed).
+    pub fn into_sink(self) -> S {
+        self.ingest.sink
     }
 
     /// The log, for inspection in tests.

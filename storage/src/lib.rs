@@ -185,6 +185,23 @@
 //! reach the disk out of order; a stale valid record after a hole there
 //! reads as corruption (open with `Salvage` to continue).
 //!
+//! ## Lifecycle choices
+//!
+//! - Opening always continues in a fresh segment: the recovered tail is
+//!   sealed on disk with an END record. Positions keep growing; offsets too.
+//! - A stream deleted and created again continues after its old offsets (the
+//!   registry keeps a tombstone with the floor); reads below the new first
+//!   offset get [`ReadError::OffsetRetained`].
+//! - [`ShardLog::flusher`] hands out the one flusher (`None` afterwards).
+//!   Dropping the log without having taken it copies the tail to the disk
+//!   copy (no fsync). Live files and the meta page are deleted on drop when
+//!   the disk copy has everything, and kept for recovery otherwise.
+//! - Sealed segments older than `live_segments_max` move to a read-only
+//!   mapping of their synced disk copy; their live file (and hugepages) are
+//!   released. Retention only deletes synced, sealed segments.
+//! - [`Follower`]s do not read the stream registry: they serve every batch
+//!   the log holds, including those of deleted streams.
+//!
 //! ## Threads and allocation
 //!
 //! The writer's append path (`begin_batch`, `push`, `commit`) makes no

@@ -265,6 +265,47 @@ fn unescape_mount(field: &str) -> String {
 }
 
 /// FNV-1a of the canonical data directory: names the live directory of a log.
+/// File in a live directory naming the log directory that owns it, so live
+/// files left by a crashed process whose log directory is gone can be found.
+pub(crate) const OWNER_FILE: &str = "owner";
+
+/// Mark `live_dir` as belonging to `log_dir`, after removing the live
+/// directories beside it whose owning log directory no longer exists (a
+/// killed process's temporary log: nothing can ever recover from them, and
+/// on tmpfs or hugetlbfs they hold memory until reboot).
+pub(crate) fn claim_and_collect(live_dir: &Path, log_dir: &Path) -> io::Result<()> {
+    if let Some(base) = live_dir.parent() {
+        collect_orphans(base, live_dir);
+    }
+    fs::create_dir_all(live_dir)?;
+    let owner = fs::canonicalize(log_dir).unwrap_or_else(|_| log_dir.to_path_buf());
+    fs::write(
+        live_dir.join(OWNER_FILE),
+        owner.to_string_lossy().as_bytes(),
+    )
+}
+
+fn collect_orphans(base: &Path, keep: &Path) {
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_ours = entry.file_name().to_string_lossy().starts_with("kaelix-");
+        if !is_ours || path == keep {
+            continue;
+        }
+        // No owner file: not made by this version; leave it alone.
+        let Ok(owner) = fs::read_to_string(path.join(OWNER_FILE)) else {
+            continue;
+        };
+        let owner = Path::new(owner.trim());
+        if !owner.as_os_str().is_empty() && !owner.exists() {
+            let _ = fs::remove_dir_all(&path);
+        }
+    }
+}
+
 pub(crate) fn dir_id(dir: &Path) -> u64 {
     let canonical = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
     canonical

@@ -695,6 +695,7 @@ impl Drop for ShardLog {
             let _ = fs::remove_file(path);
         }
         if let Some(dir) = &self.live.dir {
+            let _ = fs::remove_file(dir.join(crate::live::OWNER_FILE));
             let _ = fs::remove_dir(dir);
         }
     }

@@ -196,6 +196,9 @@ impl ShardLog {
         let id = dir_id(&dir);
         let (live, page_warning) = Live::resolve(&config, segment_size, id)?;
         warnings.extend(page_warning);
+        if let Some(live_dir) = &live.dir {
+            crate::live::claim_and_collect(live_dir, &dir).map_err(io_err("claiming", live_dir))?;
+        }
 
         // Live copies of the previous run (kill -9 leaves hugetlbfs and tmpfs files behind).
         let info_path = dir.join(LIVE_INFO_FILE);
