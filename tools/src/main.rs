@@ -10,8 +10,10 @@ use kaelix_protocol::{Datagram, DatagramBuilder, MAX_DATAGRAM_LEN};
 
 mod admin;
 mod bench;
-mod produce;
 mod serve;
+
+mod consume;
+mod produce;
 
 /// MemoryStreamer operator CLI.
 #[derive(Parser)]
@@ -39,6 +41,14 @@ enum Command {
     ///   kaelix produce --stream 1 --file report.json --durability-wait fsync
     #[command(verbatim_doc_comment)]
     Produce(produce::ProduceArgs),
+    /// Print a stream's messages, over the fetch port or from the local log.
+    ///
+    /// Examples:
+    ///   kaelix consume --fetch 127.0.0.1:7001 --stream 1
+    ///   kaelix consume --fetch 127.0.0.1:7001 --stream 1 --from latest --follow
+    ///   kaelix consume --local /var/lib/kaelix --stream 1 --count 10
+    #[command(verbatim_doc_comment)]
+    Consume(consume::ConsumeArgs),
     /// Create, delete, list and describe streams on a running broker.
     Stream(admin::StreamArgs),
     /// The running broker's health, shards, XDP and pending configuration.
@@ -67,6 +77,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(args) => serve::run(args),
         Command::Produce(args) => produce::run(args),
+        Command::Consume(args) => consume::run(args),
         Command::Stream(args) => admin::stream(args),
         Command::Broker(args) => admin::broker(args),
         Command::Config(args) => admin::config(args),

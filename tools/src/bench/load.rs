@@ -29,6 +29,9 @@ use kaelix_protocol::DurabilityLevel;
 pub const LATENCY_MAX_NS: u64 = 60_000_000_000;
 /// Messages offered per loop iteration at most (keeps acks flowing in).
 const OFFER_BUDGET: usize = 2048;
+/// In fixed-rate mode an idle producer waits in the socket when the next
+/// message is due later than this; shorter gaps are spun.
+const IDLE_WAIT_MIN_NS: f64 = 20_000.0;
 
 /// How datagrams reach the broker and come back.
 pub trait Link {
@@ -37,6 +40,9 @@ pub trait Link {
 
     /// Transmit every datagram `core` has ready at `now`; returns how many.
     fn transmit(&mut self, core: &mut ProducerState, now: Instant) -> io::Result<usize>;
+
+    /// Block until a datagram may be waiting or `timeout` passed.
+    fn wait(&mut self, timeout: Duration) -> io::Result<()>;
 }
 
 /// What one producer thread does, shared by all of them.
@@ -166,7 +172,7 @@ pub fn run_producer(
         let now_ns = now.saturating_duration_since(plan.start).as_nanos() as u64;
         let in_window = now_ns >= plan.warmup_ns && now_ns < plan.end_ns;
 
-        link.recv(&mut |bytes| core.handle_datagram(now, bytes))?;
+        let received = link.recv(&mut |bytes| core.handle_datagram(now, bytes))?;
         while let Some(event) = core.poll_event() {
             match event {
                 ProducerEvent::Delivered { ticket, delivery } => {
@@ -191,6 +197,7 @@ pub fn run_producer(
             core.handle_timeout(now);
         }
 
+        let offered_before = report.offered;
         let offering = now_ns < plan.end_ns
             && report.offered < limit
             && !progress.stop.load(Ordering::Relaxed);
@@ -226,7 +233,8 @@ pub fn run_producer(
             // Send what lingers at once.
             core.flush();
         }
-        report.datagrams += link.transmit(&mut core, now)? as u64;
+        let transmitted = link.transmit(&mut core, now)?;
+        report.datagrams += transmitted as u64;
         if report.acked != published {
             progress
                 .acked
@@ -242,6 +250,19 @@ pub fn run_producer(
                 report.window_end_ns = now_ns;
             }
             break;
+        }
+        if let Some(interval) = interval_ns
+            && received == 0
+            && transmitted == 0
+            && report.offered == offered_before
+        {
+            // Fixed rate and nothing to do: sleep in the socket until an ACK
+            // may be there or the next message is due, instead of spinning
+            // (a spinning producer competes with the broker for the cpus).
+            let due_in_ns = (next_due_ns - now_ns as f64).clamp(0.0, interval);
+            if due_in_ns >= IDLE_WAIT_MIN_NS {
+                link.wait(Duration::from_nanos(due_in_ns as u64))?;
+            }
         }
     }
     report.latency = latency;

@@ -9,10 +9,12 @@
 //! progress bar runs on stderr when it is a terminal; the result is a table,
 //! or JSON with `--json`.
 //!
-//! Left out for now: end-to-end (produce→consume) latency. The remote
-//! consumer of kaelix-client is not in the tree yet, so only produce→ack is
-//! measured, and the report says so.
+//! With `--fetch ADDR` one remote consumer per stream (kaelix-client's TCP
+//! fetch consumer) reads what the producers write and end-to-end
+//! (produce→consume) latency is measured too: every frame carries its
+//! intended send time, on the benchmark's clock.
 
+mod consume;
 mod load;
 mod report;
 mod socket;
@@ -21,6 +23,7 @@ mod xdp;
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -119,6 +122,10 @@ pub struct BenchArgs {
     /// AF_XDP sender: our UDP port (the XDP program steers ACKs sent to it).
     #[arg(long, default_value_t = 7100)]
     pub xdp_local_port: u16,
+    /// The broker's TCP fetch address: also consume every stream written
+    /// (one remote consumer each) and measure produce->consume latency.
+    #[arg(long)]
+    pub fetch: Option<SocketAddr>,
     /// Seconds to wait for outstanding ACKs after the last message.
     #[arg(long, default_value_t = 5.0)]
     pub drain: f64,
@@ -258,6 +265,18 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
         );
     }
 
+    let cores: Vec<ProducerState> = (0..links.len())
+        .map(|index| ProducerState::new(producer_config(index)))
+        .collect();
+    let producer_ids: Vec<u32> = cores.iter().map(ProducerState::producer_id).collect();
+    let consumers = match args.fetch {
+        Some(fetch) => streams
+            .iter()
+            .map(|&stream| consume::connect(fetch, stream))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+        None => Vec::new(),
+    };
+
     let warmup_ns = (args.warmup * 1e9) as u64;
     let end_ns = warmup_ns + (args.duration * 1e9) as u64;
     let start = Instant::now() + Duration::from_millis(20);
@@ -275,16 +294,29 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
         drain: Duration::from_secs_f64(args.drain.max(0.0)),
     };
     let progress = Arc::new(Progress::default());
+    let producers_done = AtomicBool::new(false);
+    let consume_deadline = start
+        + Duration::from_nanos(end_ns)
+        + Duration::from_secs_f64(args.drain.max(0.0) * 2.0 + 1.0);
 
-    let reports: Vec<anyhow::Result<ProducerReport>> = std::thread::scope(|scope| {
+    let (reports, consumed) = std::thread::scope(|scope| {
+        let consumer_handles: Vec<_> = consumers
+            .into_iter()
+            .map(|consumer| {
+                let (plan, ids, done) = (&plan, &producer_ids, &producers_done);
+                scope.spawn(move || {
+                    consume::run_consumer(consumer, ids, plan, done, consume_deadline)
+                })
+            })
+            .collect();
         let handles: Vec<_> = links
             .into_iter()
+            .zip(cores)
             .enumerate()
-            .map(|(index, mut link)| {
+            .map(|(index, (mut link, core))| {
                 let plan = plan.clone();
                 let progress = Arc::clone(&progress);
                 let cpu = (!args.cpus.is_empty()).then(|| args.cpus[index % args.cpus.len()]);
-                let core = ProducerState::new(producer_config(index));
                 std::thread::Builder::new()
                     .name(format!("kaelix-bench-{index}"))
                     .spawn_scoped(scope, move || {
@@ -308,23 +340,33 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
             })
             .collect();
         show_progress(&handles, &plan, args, &progress);
-        handles
+        let reports: Vec<anyhow::Result<ProducerReport>> = handles
             .into_iter()
             .map(|handle| match handle.join() {
                 Ok(result) => result,
                 Err(_) => Err(anyhow::anyhow!("a producer thread panicked")),
             })
-            .collect()
+            .collect();
+        producers_done.store(true, Ordering::Release);
+        let consumed: Vec<anyhow::Result<consume::ConsumeReport>> = consumer_handles
+            .into_iter()
+            .map(|handle| match handle.join() {
+                Ok(result) => result.context("consumer"),
+                Err(_) => Err(anyhow::anyhow!("a consumer thread panicked")),
+            })
+            .collect();
+        (reports, consumed)
     });
     let reports = reports.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let consumed = consumed.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Summary::new(
         args,
         &streams,
         datagram_len,
-        args.sender.name(),
-        sender_detail,
+        (args.sender.name(), sender_detail),
         plan.warmup_ns,
         reports,
+        args.fetch.is_some().then_some(consumed),
     ))
 }
 
@@ -354,7 +396,7 @@ fn show_progress<T>(
     while !all_done() {
         std::thread::sleep(Duration::from_millis(200));
         let now = Instant::now();
-        let acked = progress.acked.load(std::sync::atomic::Ordering::Relaxed);
+        let acked = progress.acked.load(Ordering::Relaxed);
         let elapsed_ms = now.saturating_duration_since(plan.start).as_millis() as u64;
         let rate = (acked - last.1.min(acked)) as f64 / now.duration_since(last.0).as_secs_f64();
         last = (now, acked);

@@ -6,6 +6,7 @@ use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use super::BenchArgs;
+use super::consume::ConsumeReport;
 use super::load::{ProducerReport, new_histogram};
 
 /// Percentiles reported, as (label, quantile).
@@ -43,18 +44,23 @@ pub struct Summary {
     timeouts: u64,
     datagrams: u64,
     latency: Histogram<u64>,
+    /// produce→consume latency and consumed counts, when consumers ran.
+    end_to_end: Option<(Histogram<u64>, u64, u64)>,
 }
+
+const NO_CONSUMER: &str = "not measured (no --fetch: no consumer ran)";
 
 impl Summary {
     /// Merge the producers' reports (histograms are added here, after the run).
+    /// `sender` is the sender's name and what it used (socket, queue...).
     pub(super) fn new(
         args: &BenchArgs,
         streams: &[u32],
         datagram_len: usize,
-        sender: &'static str,
-        sender_detail: String,
+        (sender, sender_detail): (&'static str, String),
         warmup_ns: u64,
         reports: Vec<ProducerReport>,
+        consumed: Option<Vec<ConsumeReport>>,
     ) -> Self {
         let mut latency = new_histogram();
         let mut summary = Self {
@@ -82,7 +88,19 @@ impl Summary {
             timeouts: 0,
             datagrams: 0,
             latency: new_histogram(),
+            end_to_end: None,
         };
+        if let Some(consumed) = consumed {
+            let mut e2e = new_histogram();
+            let (mut total, mut in_window) = (0, 0);
+            for report in consumed {
+                e2e.add(&report.latency)
+                    .expect("histograms with equal bounds always merge");
+                total += report.consumed;
+                in_window += report.consumed_in_window;
+            }
+            summary.end_to_end = Some((e2e, total, in_window));
+        }
         let mut window_end_ns = 0;
         for report in reports {
             latency
@@ -139,7 +157,7 @@ impl Summary {
         }
         if self.timeouts > 0 {
             warnings.push(format!(
-                "{} retransmission timeouts ({} frames sent again): datagrams were lost",
+                "{} retransmission timeouts ({} frames sent again): datagrams were lost or ACKs came later than the timeout (a descheduled broker or producer)",
                 self.timeouts, self.retransmitted
             ));
         }
@@ -232,10 +250,33 @@ impl Summary {
             "produce->ack max".to_string(),
             format!("{:.1} us", self.latency.max() as f64 / 1e3),
         ]);
-        table.add_row(vec![
-            "end-to-end (produce->consume)".to_string(),
-            "not measured: the remote consumer is not in kaelix-client yet".to_string(),
-        ]);
+        match &self.end_to_end {
+            Some((e2e, consumed, in_window)) => {
+                for (name, quantile) in PERCENTILES {
+                    table.add_row(vec![
+                        format!("produce->consume {name}"),
+                        format!("{:.1} us", e2e.value_at_quantile(quantile) as f64 / 1e3),
+                    ]);
+                }
+                table.add_row(vec![
+                    "produce->consume max".to_string(),
+                    format!("{:.1} us", e2e.max() as f64 / 1e3),
+                ]);
+                table.add_row(vec![
+                    "consumed (remote TCP fetch)".to_string(),
+                    format!(
+                        "{consumed} records, {:.0} msgs/s in the window",
+                        *in_window as f64 / self.window_secs.max(1e-9)
+                    ),
+                ]);
+            }
+            None => {
+                table.add_row(vec![
+                    "end-to-end (produce->consume)".to_string(),
+                    NO_CONSUMER.to_string(),
+                ]);
+            }
+        }
         table.add_row(vec![
             "messages".to_string(),
             format!(
@@ -255,6 +296,26 @@ impl Summary {
         latency.insert("max".into(), json!(self.latency.max() as f64 / 1e3));
         latency.insert("mean".into(), json!(self.latency.mean() / 1e3));
         latency.insert("samples".into(), json!(self.latency.len()));
+        let end_to_end = match &self.end_to_end {
+            Some((e2e, consumed, in_window)) => {
+                let mut map = serde_json::Map::new();
+                for (name, quantile) in PERCENTILES {
+                    map.insert(
+                        name.into(),
+                        json!(e2e.value_at_quantile(quantile) as f64 / 1e3),
+                    );
+                }
+                map.insert("max".into(), json!(e2e.max() as f64 / 1e3));
+                map.insert("samples".into(), json!(e2e.len()));
+                map.insert("consumed".into(), json!(consumed));
+                map.insert(
+                    "consumed_per_sec".into(),
+                    json!(*in_window as f64 / self.window_secs.max(1e-9)),
+                );
+                Value::Object(map)
+            }
+            None => json!(NO_CONSUMER),
+        };
         json!({
             "label": self.label,
             "sender": self.sender,
@@ -274,8 +335,7 @@ impl Summary {
             "mb_per_sec": self.mb_per_sec(),
             "frames_per_datagram": self.frames_per_datagram(),
             "produce_ack_us": latency,
-            "end_to_end_us": Value::Null,
-            "end_to_end_note": "not measured: the remote consumer is not in kaelix-client yet",
+            "end_to_end_us": end_to_end,
             "offered": self.offered,
             "acked": self.acked,
             "rejected": self.failed,

@@ -6,7 +6,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kaelix_client::ProducerState;
 use kaelix_protocol::MAX_DATAGRAM_LEN;
@@ -118,6 +118,19 @@ impl SocketLink {
 }
 
 impl Link for SocketLink {
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        use rustix::event::{PollFd, PollFlags, Timespec, poll};
+        let mut fds = [PollFd::new(&self.socket, PollFlags::IN)];
+        let timeout = Timespec {
+            tv_sec: timeout.as_secs() as i64,
+            tv_nsec: i64::from(timeout.subsec_nanos()),
+        };
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(errno) => Err(errno.into()),
+        }
+    }
+
     fn recv(&mut self, on_datagram: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
         let mut total = 0;
         loop {

@@ -153,6 +153,12 @@ impl XdpLink {
 }
 
 impl Link for XdpLink {
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        self.backend
+            .wait_readable(timeout)
+            .map_err(io::Error::other)
+    }
+
     fn recv(&mut self, on_datagram: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
         self.backend
             .recv_batch(&mut |payload, _peer| on_datagram(payload))

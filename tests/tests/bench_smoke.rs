@@ -1,0 +1,193 @@
+//! `kaelix bench` against a `kaelix serve` subprocess on loopback: a short
+//! fixed-rate run with a consumer, and a count-bounded run at the fsync
+//! level. Both are bounded in time (the broker is stopped with SIGTERM on
+//! every exit path, so it removes its live segments from /dev/shm) and check
+//! what the JSON report says, not how fast this machine is.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `kaelix` binary next to this test's directory (cargo builds it for
+/// kaelix-tools' own integration tests); built here when it is missing.
+fn kaelix_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("tests run from <target>/<profile>/deps");
+    let bin = profile_dir.join("kaelix");
+    if !bin.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "kaelix-tools", "--bin", "kaelix"])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building kaelix failed");
+    }
+    assert!(bin.exists(), "no kaelix binary at {}", bin.display());
+    bin
+}
+
+fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `kaelix serve` on loopback with a temporary data directory; stopped on drop.
+struct Broker {
+    child: Child,
+    data: SocketAddr,
+    fetch: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start(bin: &PathBuf) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let fetch: SocketAddr = ([127, 0, 0, 1], free_tcp_port()).into();
+        let mut child = Command::new(bin)
+            .args(["serve", "--data-addr", "127.0.0.1:0", "--fetch-addr"])
+            .arg(fetch.to_string())
+            .args([
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("KAELIX_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting kaelix serve");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if let Some(rest) = line.strip_prefix("kaelix broker ready: data ") {
+                    let addr = rest
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    let _ = tx.send(addr);
+                }
+            }
+        });
+        let data = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("kaelix serve printed its data address")
+            .parse()
+            .expect("a socket address");
+        Self {
+            child,
+            data,
+            fetch,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Broker {
+    /// SIGTERM, so the broker closes its logs and removes its live segment
+    /// files; SIGKILL only if it has not exited 20 s later.
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `kaelix bench --json ARGS` (at most 60 s) and parse its report.
+fn bench(bin: &PathBuf, broker: &Broker, args: &[&str]) -> Value {
+    let mut child = Command::new(bin)
+        .args(["bench", "--json", "--broker", &broker.data.to_string()])
+        .args(args)
+        .env("KAELIX_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting kaelix bench");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("polling kaelix bench").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("kaelix bench {args:?} ran for more than 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("kaelix bench output");
+    assert!(
+        output.status.success(),
+        "kaelix bench {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).expect("kaelix bench --json prints one JSON object")
+}
+
+#[test]
+fn bench_measures_acks_and_consumption_against_a_served_broker() {
+    let bin = kaelix_bin();
+    let broker = Broker::start(&bin);
+
+    // Fixed rate with a consumer: every figure of the report is filled in.
+    let fetch = broker.fetch.to_string();
+    let report = bench(
+        &bin,
+        &broker,
+        &[
+            "--rate",
+            "20000",
+            "--duration",
+            "1",
+            "--warmup",
+            "0.3",
+            "--fetch",
+            &fetch,
+        ],
+    );
+    assert_eq!(report["acked_level"], "memory", "{report}");
+    assert_eq!(report["rejected"], 0, "{report}");
+    assert!(report["msgs_per_sec"].as_f64().unwrap() > 0.0, "{report}");
+    let acked = report["acked"].as_u64().unwrap();
+    assert_eq!(acked, report["offered"].as_u64().unwrap(), "{report}");
+    let latency = &report["produce_ack_us"];
+    assert!(latency["samples"].as_u64().unwrap() > 0, "{report}");
+    let p50 = latency["p50"].as_f64().unwrap();
+    let p99 = latency["p99"].as_f64().unwrap();
+    assert!(0.0 < p50 && p50 <= p99, "{report}");
+    assert!(p99 <= latency["max"].as_f64().unwrap(), "{report}");
+    let e2e = &report["end_to_end_us"];
+    assert_eq!(e2e["consumed"].as_u64(), Some(acked), "{report}");
+    assert!(e2e["samples"].as_u64().unwrap() > 0, "{report}");
+
+    // A count at the fsync level: exactly that many acknowledged, at fsync.
+    let report = bench(
+        &bin,
+        &broker,
+        &["--count", "5000", "--durability", "fsync", "--warmup", "0"],
+    );
+    assert_eq!(report["acked_level"], "fsync", "{report}");
+    assert_eq!(report["acked"], 5000, "{report}");
+    assert_eq!(report["unacked_at_end"], 0, "{report}");
+    assert_eq!(report["streams"], serde_json::json!([3]), "{report}");
+}
