@@ -411,3 +411,121 @@ async fn cluster_removed_node_no_longer_votes() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_admin_rpcs_join_status_and_leave_through_any_member() {
+    use kaelix_controlplane::cluster::network;
+    use kaelix_controlplane::cluster::pb::{
+        InitRequest, JoinRequest, LeaveRequest, Member, StatusRequest,
+    };
+
+    run_seeded(|mut rng, root| async move {
+        let mut nodes = Vec::new();
+        for id in 1..=3 {
+            let c = config(id, root.path(), &mut rng);
+            nodes.push(Some(ClusterNode::start(c).await.expect("start")));
+        }
+        // A two-node cluster, formed over the Init RPC; node 3 runs but is
+        // not a member yet.
+        let members = [1, 2]
+            .iter()
+            .map(|id| {
+                let addr = node(&nodes, *id).addr();
+                Member {
+                    id: *id,
+                    raft_addr: addr.raft_addr.clone(),
+                    data_addr: addr.data_addr.clone(),
+                    voter: true,
+                }
+            })
+            .collect();
+        let mut on_node_1 = network::client(&node(&nodes, 1).addr().raft_addr).expect("client");
+        let reply = on_node_1
+            .init(InitRequest { members })
+            .await
+            .expect("init rpc")
+            .into_inner();
+        assert_eq!(reply.error, "", "{reply:?}");
+        let again = on_node_1
+            .init(InitRequest {
+                members: Vec::new(),
+            })
+            .await
+            .expect("init rpc")
+            .into_inner();
+        assert!(!again.error.is_empty(), "empty init accepted");
+        let leader = agreed_leader_among(&nodes, &[1, 2]).await;
+        let follower = if leader == 1 { 2 } else { 1 };
+        let mut via_follower =
+            network::client(&node(&nodes, follower).addr().raft_addr).expect("client");
+
+        // Join through the follower: forwarded to the leader.
+        let third = node(&nodes, 3).addr().clone();
+        let reply = via_follower
+            .join(JoinRequest {
+                id: 3,
+                raft_addr: third.raft_addr.clone(),
+                data_addr: third.data_addr.clone(),
+                forwarded: false,
+            })
+            .await
+            .expect("join rpc")
+            .into_inner();
+        assert_eq!(reply.error, "", "{reply:?}");
+        let mut on_leader =
+            network::client(&node(&nodes, leader).addr().raft_addr).expect("client");
+        let status = on_leader
+            .status(StatusRequest {})
+            .await
+            .expect("status rpc")
+            .into_inner();
+        assert_eq!(status.leader, Some(leader));
+        assert_eq!(status.state, "Leader");
+        assert!(status.term >= 1);
+        let voters: Vec<u64> = status
+            .members
+            .iter()
+            .filter(|m| m.voter)
+            .map(|m| m.id)
+            .collect();
+        assert_eq!(voters, vec![1, 2, 3]);
+        assert_eq!(status.followers.len(), 2);
+        let synced = wait_until(REPLICATION_TIMEOUT, || {
+            node(&nodes, 3).status().leader == Some(leader)
+        })
+        .await;
+        assert!(synced, "node 3 does not follow the leader");
+
+        // Leave through the follower.
+        let reply = via_follower
+            .leave(LeaveRequest {
+                id: 3,
+                forwarded: false,
+            })
+            .await
+            .expect("leave rpc")
+            .into_inner();
+        assert_eq!(reply.error, "", "{reply:?}");
+        let status = on_leader
+            .status(StatusRequest {})
+            .await
+            .expect("status rpc")
+            .into_inner();
+        let ids: Vec<u64> = status.members.iter().map(|m| m.id).collect();
+        assert_eq!(ids, vec![1, 2]);
+
+        // Leaving a node that is not a member is refused with a reason.
+        let reply = via_follower
+            .leave(LeaveRequest {
+                id: 9,
+                forwarded: false,
+            })
+            .await
+            .expect("leave rpc")
+            .into_inner();
+        assert!(!reply.error.is_empty());
+        stop(&mut nodes, 3).await;
+        shutdown_all(nodes).await;
+    })
+    .await;
+}

@@ -21,10 +21,13 @@ use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
-use super::node::{ProposeError, Proposer};
+use super::node::{self, Local, ProposeError};
 use super::pb::cluster_raft_client::ClusterRaftClient;
 use super::pb::cluster_raft_server::ClusterRaft;
-use super::pb::{RaftMessage, SnapshotChunk};
+use super::pb::{
+    InitRequest, JoinRequest, LeaveRequest, Member, MembershipReply, RaftMessage, SnapshotChunk,
+    StatusReply, StatusRequest,
+};
 use super::{MemberAddr, NodeId, Raft, TypeConfig};
 
 /// Largest gRPC message either side accepts or sends (tonic's default of
@@ -166,16 +169,19 @@ impl RaftNetwork<TypeConfig> for NetworkClient {
 }
 
 /// The server side of the cluster RPCs: hands openraft's requests to the
-/// local [`Raft`] and proposals to the local proposer.
+/// local [`Raft`], proposals and membership changes to the local node.
 pub struct RaftService {
-    raft: Raft,
-    proposer: Arc<Proposer>,
+    local: Arc<Local>,
 }
 
 impl RaftService {
-    /// Serve `raft`; proposals go through `proposer`.
-    pub(crate) fn new(raft: Raft, proposer: Arc<Proposer>) -> Self {
-        Self { raft, proposer }
+    /// Serve the local node.
+    pub(crate) fn new(local: Arc<Local>) -> Self {
+        Self { local }
+    }
+
+    fn raft(&self) -> &Raft {
+        &self.local.raft
     }
 }
 
@@ -197,12 +203,12 @@ impl ClusterRaft for RaftService {
     ) -> Result<Response<RaftMessage>, Status> {
         let rpc: AppendEntriesRequest<TypeConfig> =
             decode(request.get_ref()).map_err(bad_request)?;
-        reply(&self.raft.append_entries(rpc).await)
+        reply(&self.raft().append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<RaftMessage>) -> Result<Response<RaftMessage>, Status> {
         let rpc: VoteRequest<NodeId> = decode(request.get_ref()).map_err(bad_request)?;
-        reply(&self.raft.vote(rpc).await)
+        reply(&self.raft().vote(rpc).await)
     }
 
     async fn install_snapshot(
@@ -217,7 +223,7 @@ impl ClusterRaft for RaftService {
             data: chunk.data,
             done: chunk.done,
         };
-        reply(&self.raft.install_snapshot(rpc).await)
+        reply(&self.raft().install_snapshot(rpc).await)
     }
 
     async fn propose(
@@ -225,7 +231,98 @@ impl ClusterRaft for RaftService {
         request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
         let command = decode(request.get_ref()).map_err(bad_request)?;
-        let result: Result<_, ProposeError> = self.proposer.propose_local(command).await;
+        let result: Result<_, ProposeError> = self.local.propose(command).await;
         reply(&result)
+    }
+
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusReply>, Status> {
+        let s = self.local.status();
+        let members = s
+            .members
+            .iter()
+            .map(|(id, addr)| Member {
+                id: *id,
+                raft_addr: addr.raft_addr.clone(),
+                data_addr: addr.data_addr.clone(),
+                voter: s.voters.contains(id),
+            })
+            .collect();
+        let followers = s
+            .followers
+            .iter()
+            .map(|f| super::pb::FollowerProgress {
+                id: f.id,
+                matched_index: f.matched_index,
+                lag: f.lag,
+            })
+            .collect();
+        Ok(Response::new(StatusReply {
+            id: s.id,
+            state: s.state,
+            leader: s.leader,
+            term: s.term,
+            last_log_index: s.last_log_index,
+            applied_index: s.applied_index,
+            members,
+            followers,
+        }))
+    }
+
+    async fn init(
+        &self,
+        request: Request<InitRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let members = request
+            .into_inner()
+            .members
+            .into_iter()
+            .map(|m| {
+                let addr = MemberAddr {
+                    raft_addr: m.raft_addr,
+                    data_addr: m.data_addr,
+                };
+                (m.id, addr)
+            })
+            .collect();
+        Ok(Response::new(node::membership_reply(
+            self.local.init(members).await,
+        )))
+    }
+
+    async fn join(
+        &self,
+        request: Request<JoinRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let r = request.into_inner();
+        let addr = MemberAddr {
+            raft_addr: r.raft_addr,
+            data_addr: r.data_addr,
+        };
+        let result = match self.local.join(r.id, addr.clone()).await {
+            Err(e) if !r.forwarded => match self.local.leader_elsewhere(&e) {
+                Some(leader) => node::forward_join(leader, r.id, &addr).await,
+                None => Err(e),
+            },
+            other => other,
+        };
+        Ok(Response::new(node::membership_reply(result)))
+    }
+
+    async fn leave(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<MembershipReply>, Status> {
+        let r = request.into_inner();
+        let result = match self.local.leave(r.id).await {
+            Err(e) if !r.forwarded => match self.local.leader_elsewhere(&e) {
+                Some(leader) => node::forward_leave(leader, r.id).await,
+                None => Err(e),
+            },
+            other => other,
+        };
+        Ok(Response::new(node::membership_reply(result)))
     }
 }

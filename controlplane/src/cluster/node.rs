@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use super::log_store::LogStore;
 use super::network::{self, MESSAGE_BYTES_MAX, NetworkFactory, RaftService};
 use super::pb::cluster_raft_server::ClusterRaftServer;
+use super::pb::{JoinRequest, LeaveRequest, MembershipReply};
 use super::state_machine::StateMachineStore;
 use super::{ClusterMetadata, LogId, MemberAddr, MetadataCommand, MetadataResponse, NodeId, Raft};
 
@@ -126,15 +127,46 @@ fn from_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, MemberAddr>>) 
     }
 }
 
-/// Writes proposals to the local Raft; shared by [`ClusterNode`] and the
-/// gRPC service that receives forwarded proposals.
-pub(crate) struct Proposer {
-    raft: Raft,
+/// How long a membership change waits for an earlier one to commit (a new
+/// leader's initial membership is uncommitted until its first entry commits).
+const MEMBERSHIP_IN_PROGRESS_WAIT: Duration = Duration::from_secs(3);
+
+/// Run a membership change, retrying while another one is still being
+/// committed, up to [`MEMBERSHIP_IN_PROGRESS_WAIT`].
+async fn retry_in_progress<F, Fut>(mut change: F) -> Result<(), ProposeError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+            Output = Result<
+                openraft::raft::ClientWriteResponse<super::TypeConfig>,
+                RaftError<NodeId, ClientWriteError<NodeId, MemberAddr>>,
+            >,
+        >,
+{
+    let deadline = tokio::time::Instant::now() + MEMBERSHIP_IN_PROGRESS_WAIT;
+    loop {
+        match change().await {
+            Ok(_) => return Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            ))) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(from_write_error(e)),
+        }
+    }
 }
 
-impl Proposer {
+/// This node's Raft as the API and the gRPC service use it: proposals,
+/// membership changes (both answer `NotLeader` off the leader) and status.
+pub(crate) struct Local {
+    pub(crate) id: NodeId,
+    pub(crate) raft: Raft,
+}
+
+impl Local {
     /// Propose on this node; fails with `NotLeader` unless it leads.
-    pub(crate) async fn propose_local(
+    pub(crate) async fn propose(
         &self,
         command: MetadataCommand,
     ) -> Result<(LogId, MetadataResponse), ProposeError> {
@@ -144,6 +176,97 @@ impl Proposer {
             .await
             .map_err(from_write_error)?;
         Ok((reply.log_id, reply.data))
+    }
+
+    /// Form a new cluster of `members` (voters).
+    pub(crate) async fn init(
+        &self,
+        members: BTreeMap<NodeId, MemberAddr>,
+    ) -> Result<(), ProposeError> {
+        if members.is_empty() {
+            return Err(ProposeError::Membership(
+                "init needs at least one member".into(),
+            ));
+        }
+        self.raft.initialize(members).await.map_err(|e| match e {
+            RaftError::APIError(api) => ProposeError::Membership(api.to_string()),
+            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
+        })
+    }
+
+    /// Add `id` as a learner, wait for it to catch up, make it a voter.
+    pub(crate) async fn join(&self, id: NodeId, addr: MemberAddr) -> Result<(), ProposeError> {
+        retry_in_progress(|| self.raft.add_learner(id, addr.clone(), true)).await?;
+        self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
+            .await
+    }
+
+    /// Remove `id` from the voters, then from the members.
+    pub(crate) async fn leave(&self, id: NodeId) -> Result<(), ProposeError> {
+        // openraft accepts removing an unknown node as a no-op; the leader
+        // says so instead (followers forward, so the leader's view decides).
+        let status = self.status();
+        if status.leader == Some(self.id) && !status.members.contains_key(&id) {
+            return Err(ProposeError::Membership(format!(
+                "node {id} is not a member"
+            )));
+        }
+        self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
+            .await?;
+        self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])))
+            .await
+    }
+
+    pub(crate) async fn change_membership(
+        &self,
+        change: ChangeMembers<NodeId, MemberAddr>,
+    ) -> Result<(), ProposeError> {
+        retry_in_progress(|| self.raft.change_membership(change.clone(), false)).await
+    }
+
+    /// The leader's address when `e` says another node leads and names it.
+    pub(crate) fn leader_elsewhere<'e>(&self, e: &'e ProposeError) -> Option<&'e str> {
+        match e {
+            ProposeError::NotLeader {
+                leader_id: Some(leader),
+                leader_addr: Some(addr),
+            } if *leader != self.id => Some(addr),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let last = m.last_log_index.unwrap_or(0);
+        let followers = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .filter(|(id, _)| **id != self.id)
+                    .map(|(id, matched)| {
+                        let matched_index = matched.map(|l| l.index);
+                        FollowerProgress {
+                            id: *id,
+                            matched_index,
+                            lag: matched_index.map_or(last + 1, |i| last.saturating_sub(i)),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let membership = m.membership_config.membership();
+        ClusterStatus {
+            id: self.id,
+            state: state_name(m.state).to_string(),
+            leader: m.current_leader,
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            applied_index: m.last_applied.map(|l| l.index),
+            voters: membership.voter_ids().collect(),
+            members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
+            followers,
+        }
     }
 }
 
@@ -186,7 +309,7 @@ pub struct ClusterNode {
     id: NodeId,
     raft: Raft,
     state_machine: StateMachineStore,
-    proposer: Arc<Proposer>,
+    local: Arc<Local>,
     addr: MemberAddr,
     server_stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
@@ -228,8 +351,11 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-        let proposer = Arc::new(Proposer { raft: raft.clone() });
-        let service = ClusterRaftServer::new(RaftService::new(raft.clone(), proposer.clone()))
+        let local = Arc::new(Local {
+            id: config.id,
+            raft: raft.clone(),
+        });
+        let service = ClusterRaftServer::new(RaftService::new(local.clone()))
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -250,7 +376,7 @@ impl ClusterNode {
             id: config.id,
             raft,
             state_machine,
-            proposer,
+            local,
             addr: MemberAddr {
                 raft_addr: bound.to_string(),
                 data_addr: config.data_addr,
@@ -278,36 +404,38 @@ impl ClusterNode {
     /// Form a new cluster of `members` (voters). Call once, on one node, on
     /// a fresh cluster; every member must be started.
     pub async fn init(&self, members: BTreeMap<NodeId, MemberAddr>) -> Result<(), ProposeError> {
-        self.raft.initialize(members).await.map_err(|e| match e {
-            RaftError::APIError(api) => ProposeError::Membership(api.to_string()),
-            RaftError::Fatal(f) => ProposeError::Fatal(f.to_string()),
-        })
+        self.local.init(members).await
     }
 
     /// Add node `id` as a learner, wait until it has caught up, then make it
-    /// a voter (joint consensus). Call on the leader.
+    /// a voter (joint consensus). On a follower it is forwarded to the leader.
     pub async fn join(&self, id: NodeId, addr: MemberAddr) -> Result<(), ProposeError> {
-        self.add_learner(id, addr).await?;
-        self.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])))
-            .await
+        match self.local.join(id, addr.clone()).await {
+            Err(e) => match self.local.leader_elsewhere(&e) {
+                Some(leader) => forward_join(leader, id, &addr).await,
+                None => Err(e),
+            },
+            ok => ok,
+        }
     }
 
     /// Add node `id` as a non-voting learner and wait for it to catch up.
     /// Call on the leader.
     pub async fn add_learner(&self, id: NodeId, addr: MemberAddr) -> Result<(), ProposeError> {
-        self.raft
-            .add_learner(id, addr, true)
-            .await
-            .map(|_| ())
-            .map_err(from_write_error)
+        retry_in_progress(|| self.raft.add_learner(id, addr.clone(), true)).await
     }
 
-    /// Remove node `id` from the voters and the members. Call on the leader.
+    /// Remove node `id` from the voters and the members. On a follower it is
+    /// forwarded to the leader. The removed node keeps running until it is
+    /// shut down; it no longer counts for any quorum.
     pub async fn leave(&self, id: NodeId) -> Result<(), ProposeError> {
-        self.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])))
-            .await?;
-        self.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])))
-            .await
+        match self.local.leave(id).await {
+            Err(e) => match self.local.leader_elsewhere(&e) {
+                Some(leader) => forward_leave(leader, id).await,
+                None => Err(e),
+            },
+            ok => ok,
+        }
     }
 
     /// Apply a membership change through joint consensus. Call on the leader.
@@ -315,11 +443,7 @@ impl ClusterNode {
         &self,
         change: ChangeMembers<NodeId, MemberAddr>,
     ) -> Result<(), ProposeError> {
-        self.raft
-            .change_membership(change, false)
-            .await
-            .map(|_| ())
-            .map_err(from_write_error)
+        self.local.change_membership(change).await
     }
 
     /// Propose a metadata command; on a follower it is forwarded to the
@@ -329,12 +453,12 @@ impl ClusterNode {
         &self,
         command: MetadataCommand,
     ) -> Result<(LogId, MetadataResponse), ProposeError> {
-        match self.proposer.propose_local(command.clone()).await {
-            Err(ProposeError::NotLeader {
-                leader_id: Some(leader),
-                leader_addr: Some(addr),
-            }) if leader != self.id => forward(&addr, &command).await,
-            other => other,
+        match self.local.propose(command.clone()).await {
+            Err(e) => match self.local.leader_elsewhere(&e) {
+                Some(leader) => forward_propose(leader, &command).await,
+                None => Err(e),
+            },
+            ok => ok,
         }
     }
 
@@ -343,40 +467,10 @@ impl ClusterNode {
         self.state_machine.metadata()
     }
 
-    /// This node's view: state, leader, term, log and applied indexes,
+    /// This node's view: state, leader, term, last log and applied indexes,
     /// membership and (on the leader) each follower's progress.
     pub fn status(&self) -> ClusterStatus {
-        let m = self.raft.metrics().borrow().clone();
-        let last = m.last_log_index.unwrap_or(0);
-        let followers = m
-            .replication
-            .as_ref()
-            .map(|r| {
-                r.iter()
-                    .filter(|(id, _)| **id != self.id)
-                    .map(|(id, matched)| {
-                        let matched_index = matched.map(|l| l.index);
-                        FollowerProgress {
-                            id: *id,
-                            matched_index,
-                            lag: matched_index.map_or(last + 1, |i| last.saturating_sub(i)),
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let membership = m.membership_config.membership();
-        ClusterStatus {
-            id: self.id,
-            state: state_name(m.state).to_string(),
-            leader: m.current_leader,
-            term: m.current_term,
-            last_log_index: m.last_log_index,
-            applied_index: m.last_applied.map(|l| l.index),
-            voters: membership.voter_ids().collect(),
-            members: membership.nodes().map(|(id, n)| (*id, n.clone())).collect(),
-            followers,
-        }
+        self.local.status()
     }
 
     /// Wait until this node knows a leader, up to `timeout`.
@@ -419,20 +513,91 @@ fn state_name(state: ServerState) -> &'static str {
     }
 }
 
+fn unreachable(addr: &str, message: impl ToString) -> ProposeError {
+    ProposeError::Unreachable {
+        addr: addr.to_string(),
+        message: message.to_string(),
+    }
+}
+
 /// Send a proposal to the leader at `addr`.
-async fn forward(
+pub(crate) async fn forward_propose(
     addr: &str,
     command: &MetadataCommand,
 ) -> Result<(LogId, MetadataResponse), ProposeError> {
-    let unreachable = |message: String| ProposeError::Unreachable {
-        addr: addr.to_string(),
-        message,
-    };
-    let mut client = network::client(addr).map_err(|e| unreachable(e.to_string()))?;
-    let request = network::encode(command).map_err(|e| unreachable(e.to_string()))?;
+    let mut client = network::client(addr).map_err(|e| unreachable(addr, e))?;
+    let request = network::encode(command).map_err(|e| unreachable(addr, e))?;
     let reply = client
         .propose(request)
         .await
-        .map_err(|s| unreachable(s.to_string()))?;
-    network::decode(reply.get_ref()).map_err(|e| unreachable(format!("undecodable reply: {e}")))?
+        .map_err(|s| unreachable(addr, s))?;
+    network::decode(reply.get_ref())
+        .map_err(|e| unreachable(addr, format!("undecodable reply: {e}")))?
+}
+
+/// Ask the leader at `addr` to add node `id`.
+pub(crate) async fn forward_join(
+    addr: &str,
+    id: NodeId,
+    member: &MemberAddr,
+) -> Result<(), ProposeError> {
+    let mut client = network::client(addr).map_err(|e| unreachable(addr, e))?;
+    let request = JoinRequest {
+        id,
+        raft_addr: member.raft_addr.clone(),
+        data_addr: member.data_addr.clone(),
+        forwarded: true,
+    };
+    let reply = client
+        .join(request)
+        .await
+        .map_err(|s| unreachable(addr, s))?;
+    membership_result(reply.into_inner())
+}
+
+/// Ask the leader at `addr` to remove node `id`.
+pub(crate) async fn forward_leave(addr: &str, id: NodeId) -> Result<(), ProposeError> {
+    let mut client = network::client(addr).map_err(|e| unreachable(addr, e))?;
+    let reply = client
+        .leave(LeaveRequest {
+            id,
+            forwarded: true,
+        })
+        .await
+        .map_err(|s| unreachable(addr, s))?;
+    membership_result(reply.into_inner())
+}
+
+/// A membership outcome as its reply message.
+pub(crate) fn membership_reply(result: Result<(), ProposeError>) -> MembershipReply {
+    match result {
+        Ok(()) => MembershipReply::default(),
+        Err(e) => {
+            let (leader_id, leader_addr) = match &e {
+                ProposeError::NotLeader {
+                    leader_id,
+                    leader_addr,
+                } => (*leader_id, leader_addr.clone().unwrap_or_default()),
+                _ => (None, String::new()),
+            };
+            MembershipReply {
+                error: e.to_string(),
+                leader_id,
+                leader_addr,
+            }
+        }
+    }
+}
+
+fn membership_result(reply: MembershipReply) -> Result<(), ProposeError> {
+    if reply.error.is_empty() {
+        Ok(())
+    } else if reply.leader_id.is_some() || !reply.leader_addr.is_empty() {
+        Err(ProposeError::NotLeader {
+            leader_id: reply.leader_id,
+            leader_addr: Some(reply.leader_addr).filter(|a| !a.is_empty()),
+        })
+    } else {
+        Err(ProposeError::Membership(reply.error))
+    }
 }
