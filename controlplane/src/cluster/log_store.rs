@@ -174,8 +174,18 @@ impl Inner {
             encode_record(&entry, &mut buf)?;
             staged.push((index, offset, entry));
         }
-        self.file.write_all(&buf)?;
-        self.file.sync_data()?;
+        let written = self
+            .file
+            .write_all(&buf)
+            .and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // Cut what may have reached the file so a later append cannot
+            // land behind a torn record (recovery would stop there).
+            if let Err(cut) = self.file.set_len(self.end_offset) {
+                tracing::error!(error = %cut, "raft log: cannot cut a failed append");
+            }
+            return Err(e);
+        }
         self.end_offset += buf.len() as u64;
         for (index, offset, entry) in staged {
             self.entries.insert(index, (offset, entry));
@@ -469,5 +479,29 @@ mod tests {
         );
         assert_eq!(inner.entries[&8].1.log_id.leader_id.term, 2);
         assert_eq!(inner.purged.map(|p| p.index), Some(3));
+    }
+
+    #[test]
+    fn crash_between_purge_marker_and_rewrite_skips_purged_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = LogStore::open(dir.path()).expect("open");
+            store
+                .lock()
+                .append((0..5).map(|i| entry(1, i)).collect())
+                .expect("append");
+        }
+        // The marker reached the disk, the rewrite did not.
+        let purged = LogId::new(CommittedLeaderId::new(1, 1), 2);
+        write_atomic(dir.path(), PURGED_FILE, &to_json(&purged).expect("json")).expect("marker");
+        let store = LogStore::open(dir.path()).expect("reopen");
+        let mut inner = store.lock();
+        assert_eq!(
+            inner.entries.keys().copied().collect::<Vec<_>>(),
+            vec![3, 4]
+        );
+        assert_eq!(inner.last_log_id().map(|l| l.index), Some(4));
+        assert!(inner.append(vec![entry(1, 6)]).is_err(), "hole accepted");
+        inner.append(vec![entry(1, 5)]).expect("contiguous append");
     }
 }
