@@ -13,6 +13,7 @@
 #
 # Matrix: broker backend {socket, af_xdp} x sender {socket (GSO), af_xdp} x
 # load {as fast as acks allow, fixed 100,000 msgs/s}; REPEATS runs each.
+# SENDERS="socket" leaves out the AF_XDP sender.
 # The broker's shard runs on cpu 1, the producer on cpu 0.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -33,8 +34,11 @@ VB="kxvb$$"
 IP_A=10.231.0.1
 IP_B=10.231.0.2
 BROKER_PID=""
+# Each broker start gets a fresh data directory under this one (deleted at exit).
+DATA_ROOT=$(mktemp -d /tmp/kaelix-veth.XXXXXX)
 cleanup() {
     stop_broker
+    rm -rf "$DATA_ROOT"
     ip netns del "$NS_A" 2>/dev/null || true
     ip netns del "$NS_B" 2>/dev/null || true
 }
@@ -55,7 +59,7 @@ set_knobs() {
     ip netns exec "$NS_B" sh -c "echo $1 > /sys/class/net/$VB/napi_defer_hard_irqs; echo $2 > /sys/class/net/$VB/gro_flush_timeout"
 }
 
-broker_args=(--data-addr "$IP_B:7000" --fetch-addr "$IP_B:7001"
+broker_args=(--data-dir "$DATA_ROOT/data" --data-addr "$IP_B:7000" --fetch-addr "$IP_B:7001"
     --admin-addr 127.0.0.1:7002 --metrics-addr 127.0.0.1:7003)
 xdp_args=(--set 'dataplane.backend="af_xdp"' --set "dataplane.af_xdp.interface=\"$VB\""
     --set dataplane.required=true
@@ -65,6 +69,7 @@ xdp_args=(--set 'dataplane.backend="af_xdp"' --set "dataplane.af_xdp.interface=\
 start_broker "$OUT_DIR/broker-mtu-probe.log" "$NS_B" "${broker_args[@]}" "${xdp_args[@]}"
 MTU=$(ip -n "$NS_A" -d link show "$VA" | grep -o 'maxmtu [0-9]*' | cut -d' ' -f2)
 stop_broker
+rm -rf "$DATA_ROOT/data"
 [[ -n "$MTU" && "$MTU" -gt 1500 ]] || { echo "could not read the XDP MTU limit (got '$MTU')" >&2; exit 1; }
 ip -n "$NS_A" link set "$VA" mtu "$MTU"
 ip -n "$NS_B" link set "$VB" mtu "$MTU"
@@ -86,12 +91,13 @@ for backend in socket af_xdp; do
         start_broker "$OUT_DIR/broker-$backend.log" "$NS_B" "${broker_args[@]}"
     fi
     log "broker ($backend backend) in $NS_B on $IP_B:7000"
-    for sender in socket af_xdp; do
+    for sender in ${SENDERS:-socket af_xdp}; do
         if [[ $sender == af_xdp ]]; then args=("${xdp_sender[@]}"); else args=("${socket_sender[@]}"); fi
         bench_runs "$JSONL" "$backend backend, $sender sender, max" "$NS_A" "${args[@]}"
         bench_runs "$JSONL" "$backend backend, $sender sender, 100000/s" "$NS_A" "${args[@]}" --rate 100000
     done
     stop_broker
+    rm -rf "$DATA_ROOT/data"
 done
 
 summarize "$JSONL" | tee "$OUT_DIR/summary.txt"

@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""A small NATS load client for the peer comparison (benches/scripts/peers.sh).
+
+Speaks the NATS text protocol over one TCP connection (standard library only):
+
+- ``core``: pipelined ``PUB`` of COUNT messages, then ``PING`` and wait for
+  ``PONG`` (the server has then processed every message). Core NATS does not
+  acknowledge publishes, so only throughput is reported.
+- ``js``: JetStream publish with a reply subject; the server answers each
+  message with a PubAck once it is stored in the stream (file storage). At
+  most WINDOW messages are unacknowledged; produce->ack latency is the time
+  from the send of a message's chunk to the arrival of its PubAck (acks come
+  back in order on one connection).
+
+Messages sent during the first WARMUP seconds are not measured; the window
+ends with the last ack (the same rule as ``kaelix bench --count``). Prints one
+JSON object shaped like ``kaelix bench --json`` (latencies in microseconds).
+"""
+
+import argparse
+import json
+import socket
+import time
+
+CHUNK = 256
+
+
+def percentile(sorted_values, q):
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, max(0, int(round(q * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[index]
+
+
+class Connection:
+    def __init__(self, host, port):
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.read_line()  # INFO
+        self.sock.sendall(b'CONNECT {"verbose":false,"pedantic":false,"headers":false}\r\nPING\r\n')
+        while self.read_line() != b"PONG":
+            pass
+
+    def fill(self, block=True):
+        self.sock.setblocking(block)
+        try:
+            data = self.sock.recv(1 << 20)
+        except BlockingIOError:
+            return False
+        finally:
+            self.sock.setblocking(True)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.buf += data
+        return True
+
+    def read_line(self):
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[: end + 2]
+                if line == b"PING":
+                    self.sock.sendall(b"PONG\r\n")
+                    continue
+                return line
+            self.fill()
+
+    def messages(self):
+        """Parse complete MSG frames from the buffer: yields payloads; other lines are returned as-is."""
+        out = []
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                return out
+            line = bytes(self.buf[:end])
+            if line.startswith(b"MSG "):
+                size = int(line.rsplit(b" ", 1)[1])
+                if len(self.buf) < end + 2 + size + 2:
+                    return out
+                out.append(bytes(self.buf[end + 2 : end + 2 + size]))
+                del self.buf[: end + 2 + size + 2]
+            else:
+                del self.buf[: end + 2]
+                if line == b"PING":
+                    self.sock.sendall(b"PONG\r\n")
+                elif line.startswith(b"-ERR"):
+                    raise RuntimeError(line.decode())
+                out.append(line)
+
+    def request(self, subject, payload):
+        inbox = b"_INBOX.kxsetup"
+        self.sock.sendall(b"SUB %s 99\r\nPUB %s %s %d\r\n%s\r\n" % (inbox, subject, inbox, len(payload), payload))
+        while True:
+            self.fill()
+            for item in self.messages():
+                if not item.startswith(b"+OK") and item not in (b"PONG",):
+                    self.sock.sendall(b"UNSUB 99\r\n")
+                    return item
+
+
+def run_core(conn, args, payload):
+    line = b"PUB kxbench.core %d\r\n%s\r\n" % (len(payload), payload)
+    chunk = line * CHUNK
+    start = time.perf_counter()
+    warm_end = start + args.warmup
+    sent = 0
+    measured_start = None
+    measured = 0
+    while sent < args.count:
+        n = min(CHUNK, args.count - sent)
+        conn.sock.sendall(chunk if n == CHUNK else line * n)
+        sent += n
+        now = time.perf_counter()
+        if now >= warm_end:
+            if measured_start is None:
+                measured_start = now
+            else:
+                measured += n
+    conn.sock.sendall(b"PING\r\n")
+    while conn.read_line() != b"PONG":
+        pass
+    end = time.perf_counter()
+    window = end - (measured_start or start)
+    return {"msgs_per_sec": measured / window if window > 0 else 0.0, "window_secs": window,
+            "acked": 0, "latency": []}
+
+
+def run_js(conn, args, payload):
+    reply = conn.request(b"$JS.API.STREAM.CREATE.KXBENCH", json.dumps({
+        "name": "KXBENCH", "subjects": ["kxbench.js"], "storage": "file",
+        "retention": "limits", "discard": "old", "max_msgs": -1, "num_replicas": 1,
+    }).encode())
+    if b'"error"' in reply:
+        raise RuntimeError("creating the stream failed: %s" % reply.decode())
+    conn.sock.sendall(b"SUB _INBOX.kxbench 1\r\n")
+    line = b"PUB kxbench.js _INBOX.kxbench %d\r\n%s\r\n" % (len(payload), payload)
+    chunk = line * CHUNK
+    sent_at = []  # per chunk: (first message index, count, time)
+    start = time.perf_counter()
+    warm_end = start + args.warmup
+    sent = acked = errors = 0
+    measured_acks = 0
+    last_ack = start
+    latencies = []
+    chunk_index = 0
+    while acked < args.count:
+        while sent < args.count and sent - acked + CHUNK <= args.window:
+            n = min(CHUNK, args.count - sent)
+            conn.sock.sendall(chunk if n == CHUNK else line * n)
+            sent_at.append((sent, n, time.perf_counter()))
+            sent += n
+        if not conn.fill(block=sent - acked >= args.window or sent >= args.count):
+            continue
+        now = time.perf_counter()
+        for item in conn.messages():
+            if item.startswith(b"{"):
+                if b'"error"' in item:
+                    errors += 1
+                first, n, at = sent_at[chunk_index]
+                if at >= warm_end:
+                    latencies.append(now - at)
+                if now >= warm_end:
+                    measured_acks += 1
+                acked += 1
+                last_ack = now
+                if acked >= first + n:
+                    chunk_index += 1
+    window = last_ack - max(warm_end, start)
+    return {"msgs_per_sec": measured_acks / window if window > 0 else 0.0, "window_secs": window,
+            "acked": acked, "errors": errors, "latency": latencies}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["core", "js"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--count", type=int, default=1_000_000)
+    parser.add_argument("--message-size", type=int, default=64)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--window", type=int, default=8192)
+    parser.add_argument("--label", required=True)
+    args = parser.parse_args()
+    conn = Connection("127.0.0.1", args.port)
+    payload = b"\xa5" * args.message_size
+    result = run_core(conn, args, payload) if args.mode == "core" else run_js(conn, args, payload)
+    lat = sorted(result.pop("latency"))
+    us = lambda v: v * 1e6
+    out = {
+        "label": args.label,
+        "system": "nats",
+        "acked_level": "none (core publish is not acknowledged)" if args.mode == "core"
+        else "JetStream PubAck (file store, no per-message fsync)",
+        "message_size": args.message_size,
+        "count": args.count,
+        "target_rate": None,
+        "msgs_per_sec": result["msgs_per_sec"],
+        "window_secs": result["window_secs"],
+        "produce_ack_us": None if not lat else {
+            "p50": us(percentile(lat, 0.50)), "p90": us(percentile(lat, 0.90)),
+            "p99": us(percentile(lat, 0.99)), "p99.9": us(percentile(lat, 0.999)),
+            "max": us(lat[-1]), "samples": len(lat)},
+        "retransmitted_frames": 0,
+        "rejected": result.get("errors", 0),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
