@@ -6,6 +6,10 @@
 #
 #   bash benches/scripts/peers.sh          (make bench-peers; root, installs Debian packages)
 #   COUNT=1000000 REPEATS=5 bash benches/scripts/peers.sh
+#   NATS_MODES=core WARMUP=0 bash benches/scripts/peers.sh   (no JetStream; whole run measured)
+#
+# With the default COUNT (500,000), kaelix memory and NATS core finish inside
+# a 1 s warm-up and report 0 msgs/s: use WARMUP=0 or a larger COUNT.
 #
 # Load tools: `kaelix bench --count` for MemoryStreamer, nats_bench.py (a
 # small NATS protocol client next to this script; Debian has no `nats bench`)
@@ -95,7 +99,7 @@ mkdir -p "$OUT_DIR/nats-js"
 setsid "${PRIO[@]}" nats-server -a 127.0.0.1 -p "$((BASE + 4))" -js -sd "$OUT_DIR/nats-js" >"$OUT_DIR/nats.log" 2>&1 &
 PIDS+=($!)
 wait_port "$((BASE + 4))"
-for mode in core js; do
+for mode in ${NATS_MODES:-core js}; do
     for ((run = 1; run <= REPEATS; run++)); do
         "${PRIO[@]}" python3 "$HERE/nats_bench.py" "$mode" --port "$((BASE + 4))" --count "$COUNT" \
             --warmup "$WARMUP" --message-size "$MESSAGE_SIZE" --label "nats $mode" \
