@@ -7,9 +7,9 @@
 
 mod xdp_support;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
-use std::process::{Command, Stdio};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -22,7 +22,10 @@ use kaelix_dataplane::af_xdp::{
 use kaelix_dataplane::{Backend, BackendStats, Peer};
 use kaelix_ebpf::{TestRx, action, attached_program_id};
 use kaelix_protocol::{AckBody, Datagram, DatagramBuilder, DurabilityLevel, FrameKind};
-use xdp_support::{VethPair, data_datagram, require_root};
+use xdp_support::{
+    NsChild, VethPair, assert_no_program_left, data_datagram, panic_text, ping, require_root,
+    tcp_round_trip,
+};
 
 const DATA_PORT: u16 = 7000;
 const TCP_PORT: u16 = 7001;
@@ -179,14 +182,6 @@ impl Broker {
     }
 }
 
-fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
-    payload
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default()
-}
-
 /// The producer side, run in `ns_a`: `rounds` windows of `window` datagrams
 /// of `frames` frames each; every datagram must be answered by one ACK of its
 /// last sequence before the next window goes out. Returns the ACKed sequences.
@@ -233,113 +228,6 @@ fn produce(
         acked.extend(got);
     }
     acked
-}
-
-/// ICMP echo from the calling thread's namespace to `target` over a raw socket.
-fn ping(target: Ipv4Addr) {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket =
-        Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw ICMP socket");
-    socket
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let ident: u16 = 0x6b78;
-    let mut request = [
-        8u8,
-        0,
-        0,
-        0,
-        (ident >> 8) as u8,
-        ident as u8,
-        0,
-        1,
-        b'k',
-        b'x',
-        b'p',
-        b'g',
-    ];
-    let checksum = kaelix_dataplane::packet::internet_checksum(&request, 0);
-    request[2..4].copy_from_slice(&checksum.to_be_bytes());
-    socket
-        .send_to(
-            &request,
-            &SocketAddr::V4(SocketAddrV4::new(target, 0)).into(),
-        )
-        .expect("sending the echo request");
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
-    while Instant::now() < deadline {
-        let (len, _) = socket.recv_from(&mut buf).expect("no ICMP echo reply");
-        // SAFETY: recv_from initialised the first `len` bytes.
-        let packet: Vec<u8> = buf[..len]
-            .iter()
-            .map(|b| unsafe { b.assume_init() })
-            .collect();
-        let ihl = usize::from(packet[0] & 0x0f) * 4;
-        let icmp = &packet[ihl..];
-        if icmp[0] == 0 && u16::from_be_bytes([icmp[4], icmp[5]]) == ident {
-            return;
-        }
-    }
-    panic!("no ICMP echo reply from {target}");
-}
-
-/// TCP to the broker namespace still works with the program attached.
-fn tcp_round_trip(pair: &VethPair) {
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let ip_b = pair.ip_b;
-    let server = pair.spawn_in(&pair.ns_b, move || {
-        let listener = TcpListener::bind(SocketAddrV4::new(ip_b, TCP_PORT)).expect("TCP listen");
-        ready_tx.send(()).unwrap();
-        let (mut stream, _) = listener.accept().expect("TCP accept");
-        let mut buf = [0u8; 5];
-        stream.read_exact(&mut buf).unwrap();
-        stream.write_all(&buf).unwrap();
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("TCP server ready");
-    let echoed = pair.in_ns(&pair.ns_a, move || {
-        let mut stream = TcpStream::connect_timeout(
-            &SocketAddr::V4(SocketAddrV4::new(ip_b, TCP_PORT)),
-            Duration::from_secs(5),
-        )
-        .expect("TCP connect to the broker namespace");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(5)))
-            .unwrap();
-        stream.write_all(b"hello").unwrap();
-        let mut buf = [0u8; 5];
-        stream.read_exact(&mut buf).unwrap();
-        buf
-    });
-    server.join().expect("TCP server");
-    assert_eq!(&echoed, b"hello");
-}
-
-/// Wait (up to 5 s: link release is asynchronous) until `ifindex` in the
-/// broker namespace has no XDP program.
-fn assert_no_program_left(pair: &VethPair, ifindex: u32) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let attached = pair.in_ns(&pair.ns_b, move || {
-            attached_program_id(ifindex).expect("XDP query")
-        });
-        if attached.is_none() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "XDP program {attached:?} still attached: {}",
-            pair.link_b()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let link = pair.link_b();
-    assert!(
-        !link.contains("prog/xdp"),
-        "ip link still shows a program: {link}"
-    );
 }
 
 fn live_round_trip(mode: XdpModeConfig, expected_mode: AttachedMode, test: &str) {
@@ -397,7 +285,7 @@ fn live_round_trip(mode: XdpModeConfig, expected_mode: AttachedMode, test: &str)
     // Kernel traffic still flows while the program is attached.
     let ip_b = pair.ip_b;
     pair.in_ns(&pair.ns_a, move || ping(ip_b));
-    tcp_round_trip(&pair);
+    tcp_round_trip(&pair, TCP_PORT);
 
     let deadline = Instant::now() + Duration::from_secs(5);
     let counters = loop {
@@ -638,39 +526,12 @@ fn xdp_backend_no_program_left_after_sigkill() {
         return;
     }
     let pair = VethPair::create();
-    let exe = std::env::current_exe().expect("test binary path");
-    // `ip netns exec` execs the command, so the child's pid is the test binary's.
-    let mut child = Command::new("ip")
-        .args(["netns", "exec", &pair.ns_b])
-        .arg(exe)
-        .args([
-            "--exact",
-            "xdp_backend_child_holds_the_program",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(CHILD_ENV, &pair.if_b)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting the child");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (line_tx, line_rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            // The harness prints "test <name> ... " without a newline first.
-            if let Some(at) = line.find("ATTACHED ") {
-                let _ = line_tx.send(line[at..].to_owned());
-            }
-        }
-    });
-    let line = line_rx
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!("the child never attached: {:?}", child.wait())
-        });
+    let mut child = NsChild::spawn_test(
+        &pair.ns_b,
+        "xdp_backend_child_holds_the_program",
+        &[(CHILD_ENV, &pair.if_b)],
+    );
+    let line = child.line("ATTACHED ", Duration::from_secs(60));
     assert_eq!(line, "ATTACHED native");
     let if_b = pair.if_b.clone();
     let ifindex = pair.in_ns(&pair.ns_b, move || kaelix_ebpf::ifindex(&if_b).unwrap());
@@ -693,8 +554,7 @@ fn xdp_backend_no_program_left_after_sigkill() {
         pair.link_b()
     );
 
-    child.kill().expect("SIGKILL");
-    let status = child.wait().expect("reaping the child");
+    let status = child.kill();
     assert!(!status.success(), "killed, not exited: {status:?}");
     assert_no_program_left(&pair, ifindex);
 }

@@ -7,14 +7,19 @@
 #![allow(dead_code)]
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::io::{BufRead, BufReader};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsFd;
-use std::process::{Command, Output};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 use kaelix_dataplane::LinkPeer;
 use kaelix_dataplane::af_xdp::packet;
+use kaelix_ebpf::attached_program_id;
 
 /// True when running as root; otherwise prints one loud line naming the test and returns false.
 pub fn require_root(test: &str) -> bool {
@@ -238,4 +243,219 @@ pub fn data_datagram(
     let len = builder.len();
     buf.truncate(len);
     buf
+}
+
+/// The message of a panic payload.
+pub fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
+
+/// ICMP echo from the calling thread's namespace to `target` over a raw socket.
+pub fn ping(target: Ipv4Addr) {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket =
+        Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)).expect("raw ICMP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let ident: u16 = 0x6b78;
+    let mut request = [
+        8u8,
+        0,
+        0,
+        0,
+        (ident >> 8) as u8,
+        ident as u8,
+        0,
+        1,
+        b'k',
+        b'x',
+        b'p',
+        b'g',
+    ];
+    let checksum = kaelix_dataplane::packet::internet_checksum(&request, 0);
+    request[2..4].copy_from_slice(&checksum.to_be_bytes());
+    socket
+        .send_to(
+            &request,
+            &SocketAddr::V4(SocketAddrV4::new(target, 0)).into(),
+        )
+        .expect("sending the echo request");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 1500];
+    while Instant::now() < deadline {
+        let (len, _) = socket.recv_from(&mut buf).expect("no ICMP echo reply");
+        // SAFETY: recv_from initialised the first `len` bytes.
+        let packet: Vec<u8> = buf[..len]
+            .iter()
+            .map(|b| unsafe { b.assume_init() })
+            .collect();
+        let ihl = usize::from(packet[0] & 0x0f) * 4;
+        let icmp = &packet[ihl..];
+        if icmp[0] == 0 && u16::from_be_bytes([icmp[4], icmp[5]]) == ident {
+            return;
+        }
+    }
+    panic!("no ICMP echo reply from {target}");
+}
+
+/// TCP from `ns_a` to a listener on `port` in `ns_b` still works (with or
+/// without an XDP program attached).
+pub fn tcp_round_trip(pair: &VethPair, port: u16) {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let ip_b = pair.ip_b;
+    let server = pair.spawn_in(&pair.ns_b, move || {
+        let listener = TcpListener::bind(SocketAddrV4::new(ip_b, port)).expect("TCP listen");
+        ready_tx.send(()).unwrap();
+        let (mut stream, _) = listener.accept().expect("TCP accept");
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).unwrap();
+        stream.write_all(&buf).unwrap();
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("TCP server ready");
+    let echoed = pair.in_ns(&pair.ns_a, move || {
+        let mut stream = TcpStream::connect_timeout(
+            &SocketAddr::V4(SocketAddrV4::new(ip_b, port)),
+            Duration::from_secs(5),
+        )
+        .expect("TCP connect to the broker namespace");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream.write_all(b"hello").unwrap();
+        let mut buf = [0u8; 5];
+        stream.read_exact(&mut buf).unwrap();
+        buf
+    });
+    server.join().expect("TCP server");
+    assert_eq!(&echoed, b"hello");
+}
+
+/// Wait (up to 5 s: link release is asynchronous) until `ifindex` in the
+/// broker namespace has no XDP program.
+pub fn assert_no_program_left(pair: &VethPair, ifindex: u32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let attached = pair.in_ns(&pair.ns_b, move || {
+            attached_program_id(ifindex).expect("XDP query")
+        });
+        if attached.is_none() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "XDP program {attached:?} still attached: {}",
+            pair.link_b()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let link = pair.link_b();
+    assert!(
+        !link.contains("prog/xdp"),
+        "ip link still shows a program: {link}"
+    );
+}
+
+/// This executable run again under `ip netns exec` (so with the namespace's
+/// own /sys), its stdout read line by line. Killed (SIGKILL) and reaped when
+/// dropped, so a failing test leaves no process behind.
+pub struct NsChild {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl NsChild {
+    /// Run this executable with `args` and `env` in namespace `ns`.
+    pub fn spawn(ns: &str, args: &[&str], env: &[(&str, &str)]) -> NsChild {
+        let exe = std::env::current_exe().expect("path of this executable");
+        // `ip netns exec` execs the command, so the child's pid is ours to kill.
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .arg(exe)
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting a child in the namespace");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        NsChild {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+        }
+    }
+
+    /// Run the ignored test `test` of this test binary in `ns`.
+    pub fn spawn_test(ns: &str, test: &str, env: &[(&str, &str)]) -> NsChild {
+        let args = [
+            "--exact",
+            test,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ];
+        Self::spawn(ns, &args, env)
+    }
+
+    /// The first stdout line containing `marker`, from `marker` on (the test
+    /// harness prints "test <name> ... " in front of it without a newline).
+    /// Kills the child and panics when none comes within `timeout`.
+    pub fn line(&mut self, marker: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if let Some(at) = line.find(marker) {
+                        return line[at..].to_owned();
+                    }
+                }
+                Err(_) => panic!(
+                    "no {marker:?} line from the child within {timeout:?} (child: {:?})",
+                    self.kill()
+                ),
+            }
+        }
+    }
+
+    /// SIGKILL it now; how it ended.
+    pub fn kill(&mut self) -> ExitStatus {
+        let _ = self.child.kill();
+        self.child.wait().expect("reaping the child")
+    }
+
+    /// Close its stdin (the stop signal of a child that reads it), read the
+    /// line with `marker`, and wait for a successful exit.
+    pub fn finish(mut self, marker: &str) -> String {
+        drop(self.stdin.take());
+        let line = self.line(marker, Duration::from_secs(60));
+        let status = self.child.wait().expect("waiting for the child");
+        assert!(status.success(), "child failed: {status:?}");
+        line
+    }
+}
+
+impl Drop for NsChild {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
 }
