@@ -279,10 +279,11 @@ pub(crate) fn claim_and_collect(live_dir: &Path, log_dir: &Path) -> io::Result<(
     }
     fs::create_dir_all(live_dir)?;
     let owner = fs::canonicalize(log_dir).unwrap_or_else(|_| log_dir.to_path_buf());
-    fs::write(
-        live_dir.join(OWNER_FILE),
-        owner.to_string_lossy().as_bytes(),
-    )
+    // Written whole under a temporary name, then renamed: a concurrent
+    // collector never reads a partial path (which would not exist).
+    let temporary = live_dir.join(format!("{OWNER_FILE}.{}", std::process::id()));
+    fs::write(&temporary, owner.to_string_lossy().as_bytes())?;
+    fs::rename(&temporary, live_dir.join(OWNER_FILE))
 }
 
 fn collect_orphans(base: &Path, keep: &Path) {
