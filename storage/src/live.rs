@@ -279,11 +279,19 @@ pub(crate) fn claim_and_collect(live_dir: &Path, log_dir: &Path) -> io::Result<(
     }
     fs::create_dir_all(live_dir)?;
     let owner = fs::canonicalize(log_dir).unwrap_or_else(|_| log_dir.to_path_buf());
-    // Written whole under a temporary name, then renamed: a concurrent
-    // collector never reads a partial path (which would not exist).
+    // A symlink (hugetlbfs files cannot be written with write(2)), made
+    // under a temporary name and renamed, so a concurrent collector never
+    // sees a partial one.
     let temporary = live_dir.join(format!("{OWNER_FILE}.{}", std::process::id()));
-    fs::write(&temporary, owner.to_string_lossy().as_bytes())?;
-    fs::rename(&temporary, live_dir.join(OWNER_FILE))
+    // Best effort: where the file system refuses (hugetlbfs answers EINVAL
+    // here), the directory is simply not collected as an orphan later.
+    let _ = fs::remove_file(&temporary);
+    if std::os::unix::fs::symlink(&owner, &temporary).is_ok()
+        && fs::rename(&temporary, live_dir.join(OWNER_FILE)).is_err()
+    {
+        let _ = fs::remove_file(&temporary);
+    }
+    Ok(())
 }
 
 fn collect_orphans(base: &Path, keep: &Path) {
@@ -297,10 +305,9 @@ fn collect_orphans(base: &Path, keep: &Path) {
             continue;
         }
         // No owner file: not made by this version; leave it alone.
-        let Ok(owner) = fs::read_to_string(path.join(OWNER_FILE)) else {
+        let Ok(owner) = fs::read_link(path.join(OWNER_FILE)) else {
             continue;
         };
-        let owner = Path::new(owner.trim());
         if !owner.as_os_str().is_empty() && !owner.exists() {
             let _ = fs::remove_dir_all(&path);
         }
