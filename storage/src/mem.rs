@@ -268,6 +268,9 @@ impl MetaPage {
         if file.metadata()?.len() != META_LEN as u64 {
             file.set_len(META_LEN as u64)?;
         }
+        // Reserve the page now: an unbacked page of a full tmpfs would be a
+        // SIGBUS on first touch instead of an error here.
+        allocate(file, META_LEN as u64)?;
         let map = MmapOptions::new().len(META_LEN).map_raw(file)?;
         Ok(Self {
             map,
