@@ -141,7 +141,12 @@ impl Live {
                 } else {
                     path
                 };
-                let file = create_sized(&path, size).map_err(|err| (Some(path.clone()), err))?;
+                // Ahead of a roll the file must be new: between taking the
+                // prepared segment and renaming it, the writer's segment still
+                // has this name, and truncating it would leave the writer's
+                // mapping beyond the end of the file (SIGBUS on its next write).
+                let file =
+                    create_sized(&path, size, ahead).map_err(|err| (Some(path.clone()), err))?;
                 let mem =
                     SegmentMemory::map_file_rw(&file, size, self.populate).map_err(|err| {
                         let _ = fs::remove_file(&path);
@@ -159,13 +164,17 @@ impl Live {
     }
 }
 
-fn create_sized(path: &Path, size: u64) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
+/// Create `path` with `size` bytes reserved; with `exclusive`, fail with
+/// `AlreadyExists` rather than reuse a file of that name.
+fn create_sized(path: &Path, size: u64, exclusive: bool) -> io::Result<File> {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    if exclusive {
+        options.create_new(true);
+    } else {
+        options.create(true).truncate(true);
+    }
+    let file = options.open(path)?;
     if let Err(err) = mem::allocate(&file, size) {
         let _ = fs::remove_file(path);
         return Err(err);
@@ -322,4 +331,39 @@ pub(crate) fn dir_id(dir: &Path) -> u64 {
         .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
             (hash ^ u64::from(byte)).wrapping_mul(0x100_0000_01b3)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_segment_prepared_ahead_never_reuses_an_existing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = Live {
+            backing: LiveBacking::Shm,
+            dir: Some(dir.path().to_path_buf()),
+            populate: false,
+        };
+        let size = HUGE_PAGE_BYTES;
+        let (first, path) = live.create_segment_ahead(7, size).unwrap();
+        let path = path.expect("a shared backing has a file");
+        let mut writer = crate::mem::SegmentWriter::take(first.clone()).unwrap();
+        writer.write(0, b"written by the log's writer");
+        writer.publish(27);
+
+        // The flusher preparing the same number again (the race with the
+        // writer's rename) fails instead of truncating the writer's file.
+        let (_, err) = live.create_segment_ahead(7, size).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::metadata(&path).unwrap().len(), size);
+        assert_eq!(
+            first.slice(0, 27),
+            Some(&b"written by the log's writer"[..])
+        );
+
+        // The writer's own creation (under the final name) is unaffected.
+        let (_, own) = live.create_segment(7, size).unwrap();
+        assert_eq!(fs::metadata(own.unwrap()).unwrap().len(), size);
+    }
 }
