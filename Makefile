@@ -73,8 +73,8 @@ test-suite: setup
 # The DPDK backend is behind cargo feature `dpdk` (needs libdpdk-dev, which
 # scripts/setup.sh installs): lint it, and run its tests on virtual devices.
 test-dpdk: setup
-	$(CARGO) clippy -p kaelix-dataplane -p kaelix-controlplane -p kaelix-tests -p kaelix-tools \
-		--features kaelix-controlplane/dpdk,kaelix-tests/dpdk,kaelix-tools/dpdk --all-targets $(CARGO_FLAGS) -- -D warnings
+	$(CARGO) clippy -p kaelix-dataplane -p kaelix-controlplane -p kaelix-tests -p kaelix-tools -p kaelix-benches \
+		--features kaelix-controlplane/dpdk,kaelix-tests/dpdk,kaelix-tools/dpdk,kaelix-benches/dpdk --all-targets $(CARGO_FLAGS) -- -D warnings
 	$(CARGO) test -p kaelix-tests --features dpdk $(CARGO_FLAGS) \
 		--test dpdk_null --test dpdk_veth --test dpdk_shard --test dpdk_broker
 

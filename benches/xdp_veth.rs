@@ -1,8 +1,11 @@
-//! The broker's socket backend against its AF_XDP backend: same run, same
-//! veth pair, same load.
+//! The broker's socket backend against its AF_XDP backend (and, built with
+//! `--features dpdk`, its DPDK backend on the virtual devices `net_af_packet`
+//! and `net_af_xdp`): same run, same veth pair, same load.
 //!
 //! ```text
-//! sudo cargo bench -p kaelix-benches --bench xdp_veth
+//! sudo cargo bench -p kaelix-benches --bench xdp_veth [--features dpdk]
+//!   XDP_VETH_BACKENDS     comma-separated subset of socket, af_xdp, dpdk-af_packet,
+//!                         dpdk-af_xdp (default: all that the build has)
 //!   XDP_VETH_REPEATS (3)  runs per backend and load; medians and min-max are reported
 //!   XDP_VETH_SECS (5)     measured seconds per run, after XDP_VETH_WARMUP (1) seconds
 //!   XDP_VETH_RATES        paced loads in msgs/s, comma-separated (100000,1000000)
@@ -111,8 +114,14 @@ fn broker_config(backend: &str, interface: &str, ip: Ipv4Addr, data_dir: &Path) 
     config.dataplane.backend = match backend {
         "socket" => BackendKind::Socket,
         "af_xdp" => BackendKind::AfXdp,
+        "dpdk-af_packet" | "dpdk-af_xdp" => BackendKind::Dpdk,
         other => panic!("unknown backend {other}"),
     };
+    if let Some(vdev) = dpdk_vdev(backend, interface) {
+        config.dataplane.dpdk.eal_args.push(vdev);
+        // One segment per packet: room for the whole MTU-sized frame.
+        config.dataplane.dpdk.mbuf_data_bytes = 4096;
+    }
     let busy_poll = env_or("XDP_VETH_BUSY_POLL", 1) != 0;
     let napi_knobs = env_or("XDP_VETH_NAPI_KNOBS", 1) != 0;
     config.dataplane.af_xdp = AfXdpConfig {
@@ -145,6 +154,27 @@ fn broker_config(backend: &str, interface: &str, ip: Ipv4Addr, data_dir: &Path) 
         })
         .collect();
     config
+}
+
+/// The DPDK virtual device of a `dpdk-*` backend on `interface`.
+fn dpdk_vdev(backend: &str, interface: &str) -> Option<String> {
+    match backend {
+        // Frames of 4 KiB: the default 2 KiB would truncate MTU-sized packets.
+        "dpdk-af_packet" => Some(format!(
+            "--vdev=net_af_packet0,iface={interface},framecnt=8192,framesz=4096,blocksz=4096"
+        )),
+        "dpdk-af_xdp" => Some(format!("--vdev=net_af_xdp0,iface={interface}")),
+        _ => None,
+    }
+}
+
+/// The backends this build can run, in table order.
+fn backends_built() -> Vec<&'static str> {
+    let mut all = vec!["socket", "af_xdp"];
+    if cfg!(feature = "dpdk") {
+        all.extend(["dpdk-af_packet", "dpdk-af_xdp"]);
+    }
+    all
 }
 
 /// `broker-child BACKEND INTERFACE IP DATA_DIR`: start, print READY, run
@@ -524,7 +554,19 @@ fn orchestrate() {
     let ip_b = pair.ip_b.to_string();
     let ip_a = pair.ip_a.to_string();
 
-    let backends = ["socket", "af_xdp"];
+    let built = backends_built();
+    let backends: Vec<&str> = match std::env::var("XDP_VETH_BACKENDS") {
+        Ok(list) => list
+            .split(',')
+            .map(str::trim)
+            .map(|name| {
+                *built.iter().find(|b| **b == name).unwrap_or_else(|| {
+                    panic!("XDP_VETH_BACKENDS: {name:?} is not one of {built:?} (dpdk-* need --features dpdk)")
+                })
+            })
+            .collect(),
+        Err(_) => built.clone(),
+    };
     let mut runs: Vec<(usize, usize, Run)> = Vec::new();
     let mut run_number = 0;
     for repeat in 0..repeats {
@@ -546,6 +588,10 @@ fn orchestrate() {
                 );
                 let dir = data_root.path().join(format!("run-{run_number}"));
                 let dir = dir.to_str().expect("utf-8 path");
+                let dpdk = backend.starts_with("dpdk");
+                if dpdk {
+                    pair.sh(&pair.ns_b, &format!("ip -4 addr flush dev {}", pair.if_b));
+                }
                 let mut broker = NsChild::spawn(
                     &pair.ns_b,
                     &["broker-child", backend, &pair.if_b, &ip_b, dir],
@@ -578,6 +624,12 @@ fn orchestrate() {
                 );
                 let result = sender.finish("RESULT");
                 let stats = broker.finish("STATS");
+                if dpdk {
+                    pair.sh(
+                        &pair.ns_b,
+                        &format!("ip addr add {ip_b}/24 dev {}", pair.if_b),
+                    );
+                }
                 eprintln!(
                     "xdp_veth: repeat {} {backend:>6} load {load:>8}: {ready}\n  {result}\n  {stats}",
                     repeat + 1
@@ -595,8 +647,8 @@ fn orchestrate() {
         "| backend | load (msgs/s) | acked msgs/s | datagrams/s | frames/datagram | p50 µs | p99 µs | p99.9 µs | retransmitted | broker drops |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let mut max_rate = [0.0f64; 2];
-    let mut p99s = vec![[0.0f64; 2]; loads.len()];
+    let mut max_rate = vec![0.0f64; backends.len()];
+    let mut p99s = vec![vec![0.0f64; backends.len()]; loads.len()];
     for (li, load) in loads.iter().enumerate() {
         for (bi, backend) in backends.iter().enumerate() {
             let of: Vec<&Run> = runs
@@ -644,14 +696,20 @@ fn orchestrate() {
         loadavg(),
         env_or("XDP_VETH_NICE", 0)
     );
-    println!(
-        "max load: af_xdp / socket = {:.2}x acked msgs/s",
-        max_rate[1] / max_rate[0].max(1.0)
-    );
-    for (li, load) in loads.iter().enumerate() {
+    // Ratios against the first backend of the run (socket by default).
+    let base = backends[0];
+    for (bi, backend) in backends.iter().enumerate().skip(1) {
         println!(
-            "load {load}: p99 socket {:.1} µs, af_xdp {:.1} µs",
-            p99s[li][0], p99s[li][1]
+            "max load: {backend} / {base} = {:.2}x acked msgs/s",
+            max_rate[bi] / max_rate[0].max(1.0)
         );
+    }
+    for (li, load) in loads.iter().enumerate() {
+        let p99: Vec<String> = backends
+            .iter()
+            .zip(&p99s[li])
+            .map(|(backend, p99)| format!("{backend} {p99:.1} µs"))
+            .collect();
+        println!("load {load}: p99 {}", p99.join(", "));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use kaelix_dpdk_sys as sys;
 
 use super::eal::register_thread;
-use super::port::{MBUF_DATA_BYTES, Port};
+use super::port::Port;
 use super::{DpdkConfig, DpdkError, NAME};
 use crate::backend::{Backend, BackendError, BackendStats, LinkPeer, Peer};
 use crate::packet::{
@@ -104,7 +104,7 @@ impl DpdkBackend {
         let port = Arc::new(Port::open(config)?);
         // An IPv4 datagram within the MTU, in one mbuf, after our headers.
         let max_payload = (usize::from(port.mtu) - IPV4_HEADER_LEN - UDP_HEADER_LEN)
-            .min(MBUF_DATA_BYTES - UDP_HEADERS_LEN);
+            .min(usize::from(port.mbuf_data_bytes) - UDP_HEADERS_LEN);
         let burst = config.burst_size;
         Ok((0..port.queues)
             .map(|queue| Self {
@@ -223,7 +223,7 @@ impl DpdkBackend {
             self.stats.tx_dropped += 1;
             return None;
         }
-        let len16 = u16::try_from(len).expect("replies fit one mbuf (len <= MBUF_DATA_BYTES)");
+        let len16 = u16::try_from(len).expect("replies fit one mbuf (len <= mbuf_data_bytes)");
         // SAFETY: mbuf is a fresh one-segment mbuf we own; append returns
         // NULL or a pointer to `len` writable bytes inside it.
         let data = unsafe { sys::kx_dpdk_pktmbuf_append(mbuf, len16) };

@@ -100,6 +100,11 @@ pub struct DpdkConfig {
     pub mbuf_count: u32,
     /// Per-lcore mbuf cache (at most 512).
     pub mbuf_cache_size: u32,
+    /// Packet bytes one mbuf holds (its data room after DPDK's headroom).
+    /// Packets are received in one segment only (a longer one is counted
+    /// and dropped), so this bounds the largest frame: raise it with the
+    /// port's MTU (2048 covers 1500; 4096 covers MTUs up to about 4000).
+    pub mbuf_data_bytes: u16,
     /// Packets per RX burst and most replies per TX burst (1..=512).
     pub burst_size: u16,
     /// Only UDP datagrams to this port are delivered; unset delivers all.
@@ -110,6 +115,21 @@ pub struct DpdkConfig {
     /// Put the port in promiscuous mode.
     pub promiscuous: bool,
 }
+
+/// DPDK's default data room per mbuf (`RTE_MBUF_DEFAULT_DATAROOM`; checked
+/// against the headers in builds with the `dpdk` feature).
+pub const DEFAULT_MBUF_DATA_BYTES: u16 = 2048;
+/// DPDK's `RTE_PKTMBUF_HEADROOM` (checked likewise).
+const MBUF_HEADROOM: u32 = 128;
+/// The smallest data room allowed: a minimum Ethernet frame plus our headers with room to spare.
+const MIN_MBUF_DATA_BYTES: u32 = 256;
+/// The largest: a mempool element's data room is a u16 that includes the headroom.
+const MAX_MBUF_DATA_BYTES: u32 = u16::MAX as u32 - MBUF_HEADROOM;
+#[cfg(feature = "dpdk")]
+const _: () = assert!(
+    DEFAULT_MBUF_DATA_BYTES as u32 == kaelix_dpdk_sys::RTE_MBUF_DEFAULT_DATAROOM
+        && MBUF_HEADROOM == kaelix_dpdk_sys::RTE_PKTMBUF_HEADROOM
+);
 
 impl Default for DpdkConfig {
     fn default() -> Self {
@@ -130,6 +150,7 @@ impl Default for DpdkConfig {
             tx_ring_size: 1024,
             mbuf_count: 16383,
             mbuf_cache_size: 256,
+            mbuf_data_bytes: DEFAULT_MBUF_DATA_BYTES,
             burst_size: 32,
             data_port: None,
             local_ipv4: None,
@@ -159,6 +180,13 @@ impl DpdkConfig {
             return invalid(
                 "mbuf_cache_size",
                 format!("{} is above 512", self.mbuf_cache_size),
+            );
+        }
+        let data_bytes = u32::from(self.mbuf_data_bytes);
+        if !(MIN_MBUF_DATA_BYTES..=MAX_MBUF_DATA_BYTES).contains(&data_bytes) {
+            return invalid(
+                "mbuf_data_bytes",
+                format!("{data_bytes} is outside {MIN_MBUF_DATA_BYTES}..={MAX_MBUF_DATA_BYTES}"),
             );
         }
         let needed = self.mbufs_needed();
@@ -317,7 +345,7 @@ mod tests {
 
     #[test]
     fn invalid_configs_name_their_key() {
-        let cases: [(&str, DpdkConfig); 5] = [
+        let cases: [(&str, DpdkConfig); 7] = [
             (
                 "queues",
                 DpdkConfig {
@@ -336,6 +364,20 @@ mod tests {
                 "mbuf_count",
                 DpdkConfig {
                     mbuf_count: 100,
+                    ..DpdkConfig::default()
+                },
+            ),
+            (
+                "mbuf_data_bytes",
+                DpdkConfig {
+                    mbuf_data_bytes: 100,
+                    ..DpdkConfig::default()
+                },
+            ),
+            (
+                "mbuf_data_bytes",
+                DpdkConfig {
+                    mbuf_data_bytes: u16::MAX,
                     ..DpdkConfig::default()
                 },
             ),

@@ -9,13 +9,6 @@ use kaelix_dpdk_sys as sys;
 use super::eal::{Eal, EalArgs, Host, eal_args, rte_errno, strerror};
 use super::{DpdkConfig, DpdkError};
 
-/// Data room of each mbuf: DPDK's default 2048 bytes plus headroom, enough
-/// for a 1500-byte MTU frame in one segment.
-pub(crate) const MBUF_DATA_ROOM: u16 =
-    (sys::RTE_MBUF_DEFAULT_DATAROOM + sys::RTE_PKTMBUF_HEADROOM) as u16;
-/// Usable bytes after the headroom.
-pub(crate) const MBUF_DATA_BYTES: usize = sys::RTE_MBUF_DEFAULT_DATAROOM as usize;
-
 /// A started port. Fields are filled in as `open` gets further, so `Drop`
 /// undoes exactly what was done.
 #[derive(Debug)]
@@ -25,6 +18,8 @@ pub(crate) struct Port {
     pub mac: [u8; 6],
     pub mtu: u16,
     pub hugepages: bool,
+    /// Usable bytes of each mbuf, after the headroom.
+    pub mbuf_data_bytes: u16,
     pub pool: *mut sys::rte_mempool,
     configured: bool,
     started: bool,
@@ -73,6 +68,7 @@ impl Port {
             mac: [0; 6],
             mtu: 1500,
             hugepages: args.hugepages,
+            mbuf_data_bytes: config.mbuf_data_bytes,
             pool: std::ptr::null_mut(),
             configured: false,
             started: false,
@@ -106,6 +102,14 @@ impl Port {
 
         let name =
             CString::new(format!("kx_pool_p{port_id}")).expect("no NUL in a formatted pool name");
+        // Validated: the data bytes plus the headroom fit the u16 data room.
+        let data_room = u16::try_from(
+            u32::from(config.mbuf_data_bytes) + sys::RTE_PKTMBUF_HEADROOM,
+        )
+        .map_err(|_| DpdkError::InvalidConfig {
+            key: "mbuf_data_bytes",
+            reason: format!("{} plus the headroom exceeds 65535", config.mbuf_data_bytes),
+        })?;
         // SAFETY: the EAL is running; name is NUL-terminated and unique in
         // this process (one port per EAL). A NULL return is handled below.
         self.pool = unsafe {
@@ -114,7 +118,7 @@ impl Port {
                 config.mbuf_count,
                 config.mbuf_cache_size,
                 0,
-                MBUF_DATA_ROOM,
+                data_room,
                 socket,
             )
         };
