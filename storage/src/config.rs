@@ -76,6 +76,14 @@ pub struct LogConfig {
     /// Sealed, fully synced segments beyond this many keep no live copy:
     /// readers map the disk copy instead.
     pub live_segments_max: usize,
+    /// Hard limit on the live memory of this log: the live segments (the
+    /// active one, sealed ones not yet synced or within `live_segments_max`,
+    /// and the one prepared ahead) take at most this many bytes, rounded down
+    /// to whole segments. A roll that would go beyond first releases synced
+    /// live copies; if that is not enough the append fails with
+    /// [`crate::AppendError::LiveMemoryFull`] until the flusher catches up.
+    /// At least `(live_segments_max + 1) * segment_size_bytes`.
+    pub live_memory_max_bytes: u64,
     /// What to do with damage in the middle of the log.
     pub recovery: RecoveryPolicy,
     /// How much of the log is verified on open.
@@ -83,7 +91,8 @@ pub struct LogConfig {
 }
 
 impl LogConfig {
-    /// Defaults: 64 MiB segments, automatic live memory, shared, 100 ms flush interval.
+    /// Defaults: 64 MiB segments, automatic live memory, shared, 100 ms flush
+    /// interval, 4 live segments kept, at most 1 GiB (16 segments) of live memory.
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
@@ -97,6 +106,7 @@ impl LogConfig {
             index_interval_bytes: 4096,
             time_index_interval_bytes: 1024 * 1024,
             live_segments_max: 4,
+            live_memory_max_bytes: 1 << 30,
             recovery: RecoveryPolicy::Fail,
             verify: VerifyOnOpen::Tail,
         }
@@ -121,6 +131,18 @@ impl LogConfig {
             return Err(OpenError::Config {
                 key: "live_segments_max",
                 message: "must be at least 1 (the active segment)".into(),
+            });
+        }
+        let live_min = (self.live_segments_max as u64)
+            .saturating_add(1)
+            .saturating_mul(size);
+        if self.live_memory_max_bytes < live_min {
+            return Err(OpenError::Config {
+                key: "live_memory_max_bytes",
+                message: format!(
+                    "{} is below {live_min}: live_segments_max ({}) + 1 segments of {size} bytes",
+                    self.live_memory_max_bytes, self.live_segments_max
+                ),
             });
         }
         if self.shared && self.live_memory == LiveMemory::Anonymous {

@@ -110,6 +110,25 @@ pub enum AppendError {
         /// The stream.
         stream_id: u32,
     },
+    /// Live memory is at [`crate::LogConfig::live_memory_max_bytes`] and
+    /// the roll this batch needs would go beyond it: the flusher is behind.
+    /// Nothing of the batch was written past the last commit (commit what
+    /// was pushed before, or drop the batch); retry once the flusher has
+    /// synced more (`synced` grows), which lets the next roll release live copies.
+    #[error(
+        "live memory full: {live_bytes} bytes of live segments, limit {limit_bytes}; \
+         synced {synced} of {appended} appended, retry when the flusher catches up"
+    )]
+    LiveMemoryFull {
+        /// Bytes of live segments in the log now (active, unsynced and kept ones).
+        live_bytes: u64,
+        /// The limit, in bytes of whole segments.
+        limit_bytes: u64,
+        /// The appended position.
+        appended: u64,
+        /// The synced position (segments below it can be released).
+        synced: u64,
+    },
     /// Rolling to a new segment failed (live memory exhausted, file error).
     #[error("segment roll to segment {segment} failed: {reason}")]
     Roll {

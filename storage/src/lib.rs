@@ -208,9 +208,23 @@
 //! syscall, takes no lock and allocates only when an index vector grows
 //! (amortised, per batch, never per frame). A roll (once per segment) makes
 //! syscalls and takes the segment-list mutex that readers take only when
-//! the list changed. The writer never waits for the flusher; if the flusher
-//! falls behind, live memory grows until the next roll fails with a typed
-//! error.
+//! the list changed. The writer never waits for the flusher.
+//!
+//! ## Live memory limit
+//!
+//! Live copies take memory (hugepages, tmpfs) until the flusher has synced
+//! them; a flusher that falls behind would let them grow without bound.
+//! [`LogConfig::live_memory_max_bytes`] caps them (the active segment, sealed
+//! ones not yet released, and the one prepared ahead, which the flusher does
+//! not prepare when there is no room). A roll first releases every synced
+//! live copy beyond `live_segments_max`; if one more segment still does not
+//! fit, the push that needed the roll fails with
+//! [`AppendError::LiveMemoryFull`] (nothing of it written, the batch can
+//! still commit what was pushed before) and the log asks the flusher to
+//! sync everything appended. Appends into the active segment continue; the
+//! next roll after the flusher synced more succeeds. While the limit holds
+//! the writer back, a rejected roll costs a few atomic loads (no lock, no
+//! allocation) until the synced position moves.
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -236,7 +250,9 @@ pub use flusher::{FlushProgress, Flusher};
 pub use follower::Follower;
 pub use kaelix_protocol::DurabilityLevel;
 pub use live::{LiveBacking, find_hugetlbfs_mount, free_huge_pages, meminfo_value};
-pub use log::{AppendOutcome, BatchWriter, Positions, RetentionReport, ShardLog, StreamInfo};
+pub use log::{
+    AppendOutcome, BatchWriter, LiveMemoryUsage, Positions, RetentionReport, ShardLog, StreamInfo,
+};
 pub use reader::{LogReader, ReadBatch, Record};
 pub use recovery::RecoveryReport;
 

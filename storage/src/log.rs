@@ -66,6 +66,18 @@ pub struct StreamInfo {
     pub next_offset: u64,
 }
 
+/// How much live memory a log holds (for metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LiveMemoryUsage {
+    /// Live segments: the active one, sealed ones not yet released, and the
+    /// one the flusher prepared ahead of the next roll.
+    pub segments: u64,
+    /// Their bytes (whole segments).
+    pub bytes: u64,
+    /// [`crate::LogConfig::live_memory_max_bytes`] in whole segments.
+    pub limit_bytes: u64,
+}
+
 /// What [`ShardLog::enforce_retention`] deleted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RetentionReport {
@@ -121,6 +133,10 @@ pub(crate) struct Shared {
     pub live: Live,
     /// The next live segment, mapped (and prefaulted) ahead of the roll by the flusher.
     pub prepared: Mutex<Option<(u64, LiveSegment)>>,
+    /// Segments in `list` with a live copy (stored by the writer only).
+    pub live_segments: AtomicU64,
+    /// At most this many live segments, the prepared one included.
+    pub live_limit_segments: u64,
 }
 
 impl Shared {
@@ -164,9 +180,30 @@ impl Shared {
         None
     }
 
-    /// Map the live segment after the active one ahead of time, if not done yet.
+    /// Live memory now: segments with a live copy and the prepared one.
+    pub fn live_memory(&self) -> LiveMemoryUsage {
+        let prepared = self
+            .prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        let segments = self.live_segments.load(Ordering::Acquire) + u64::from(prepared);
+        LiveMemoryUsage {
+            segments,
+            bytes: segments * self.segment_size,
+            limit_bytes: self.live_limit_segments * self.segment_size,
+        }
+    }
+
+    /// Map the live segment after the active one ahead of time, if not done
+    /// yet and live memory has room for it (it counts against the limit).
     /// Called by the flusher, so the writer's roll only swaps mappings.
     pub fn prepare_next(&self) {
+        if self.live_segments.load(Ordering::Acquire) >= self.live_limit_segments {
+            // The writer's next roll releases what was synced meanwhile and
+            // creates the segment itself.
+            return;
+        }
         let next = self.meta.load(Slot::ActiveSegment) + 1;
         {
             let prepared = self.prepared.lock().unwrap_or_else(|p| p.into_inner());
@@ -214,6 +251,9 @@ pub struct ShardLog {
     pub(crate) registry_path: PathBuf,
     pub(crate) reader_state: Option<Arc<Mutex<FollowState>>>,
     pub(crate) shared_files: Vec<PathBuf>,
+    /// `(synced, next segment)` of the last release before a roll: a writer
+    /// held back by the live memory limit does not rescan until either moves.
+    pub(crate) live_released_at: Option<(u64, u64)>,
     pub(crate) _lock: File,
 }
 
@@ -292,6 +332,11 @@ impl ShardLog {
     /// Segment size in bytes.
     pub fn segment_size(&self) -> u64 {
         self.shared.segment_size
+    }
+
+    /// Live memory held now, and its limit.
+    pub fn live_memory(&self) -> LiveMemoryUsage {
+        self.shared.live_memory()
     }
 
     /// A reader for other threads (clones share one index that follows the log).
@@ -455,6 +500,7 @@ impl ShardLog {
         let size = self.shared.segment_size;
         let old_number = self.active.number;
         let number = old_number + 1;
+        self.make_live_room(number)?;
         let prepared = self.shared.take_prepared(number);
         let (mem, live_path) = match prepared {
             Some(segment) => segment,
@@ -502,17 +548,45 @@ impl ShardLog {
         self.shared
             .meta
             .store(Slot::Appended, number * size + SEGMENT_HEADER_LEN as u64);
+        let live = self.shared.live_segments.load(Ordering::Relaxed);
+        self.shared.live_segments.store(live + 1, Ordering::Release);
         let old = std::mem::replace(&mut self.active, Active { number, writer });
-        self.release_live_copies();
         Ok(old.writer)
     }
 
-    /// Replace the live copy of old, fully synced segments by a read-only
-    /// mapping of their disk copy and delete the live file.
-    fn release_live_copies(&mut self) {
+    /// Before a roll to segment `number`: release the live copies that may
+    /// go, then check that one more live segment fits the limit. When it does
+    /// not, ask the flusher to sync everything appended and fail.
+    fn make_live_room(&mut self, number: u64) -> Result<(), AppendError> {
         let synced = self.shared.meta.load(Slot::Synced);
-        let keep_from =
-            (self.active.number + 1).saturating_sub(self.config.live_segments_max as u64);
+        if self.live_released_at != Some((synced, number)) {
+            self.release_live_copies(number);
+            self.live_released_at = Some((synced, number));
+        }
+        let live = self.shared.live_segments.load(Ordering::Relaxed);
+        if live < self.shared.live_limit_segments {
+            return Ok(());
+        }
+        let appended = self.shared.meta.load(Slot::Appended);
+        if self.shared.meta.load(Slot::SyncRequest) < appended {
+            self.shared.meta.store(Slot::SyncRequest, appended);
+        }
+        let size = self.shared.segment_size;
+        Err(AppendError::LiveMemoryFull {
+            live_bytes: live * size,
+            limit_bytes: self.shared.live_limit_segments * size,
+            appended,
+            synced,
+        })
+    }
+
+    /// Replace the live copy of old, fully synced segments by a read-only
+    /// mapping of their disk copy and delete the live file. `active` is the
+    /// active segment (or the one a roll is about to start): the newest
+    /// `live_segments_max` up to it keep their live copy.
+    fn release_live_copies(&mut self, active: u64) {
+        let synced = self.shared.meta.load(Slot::Synced);
+        let keep_from = (active + 1).saturating_sub(self.config.live_segments_max as u64);
         let candidates: Vec<Arc<SegmentHandle>> = self
             .shared
             .lock_list()
@@ -558,6 +632,13 @@ impl ShardLog {
         if changed {
             self.shared.generation.fetch_add(1, Ordering::AcqRel);
         }
+        let live = self
+            .shared
+            .lock_list()
+            .iter()
+            .filter(|handle| handle.mem.kind() != crate::mem::MapKind::ReadOnly)
+            .count() as u64;
+        self.shared.live_segments.store(live, Ordering::Release);
     }
 
     /// Change the retention limits while the log runs (the control plane's
@@ -662,7 +743,7 @@ impl ShardLog {
                 }
             }
         }
-        self.release_live_copies();
+        self.release_live_copies(self.active.number);
         report.first_position = report.first_position.max(first_position);
         Ok(report)
     }

@@ -394,6 +394,11 @@ impl LogReader {
         self.shared.positions()
     }
 
+    /// Live memory the log holds now, and its limit.
+    pub fn live_memory(&self) -> crate::LiveMemoryUsage {
+        self.shared.live_memory()
+    }
+
     /// Frames of `stream_id` from `from_offset`, at most about `max_bytes` of
     /// frames (at least one frame when any is available), never past
     /// `up_to_position` nor the appended position. Pass

@@ -380,6 +380,22 @@ impl ShardLog {
         meta.store(Slot::WriterPid, u64::from(std::process::id()));
         meta.store(Slot::State, STATE_OPEN);
 
+        // Validation checked the limit against the configured segment size;
+        // a log that keeps another size gets at least the minimum.
+        let live_min = config.live_segments_max as u64 + 1;
+        let mut live_limit_segments = config.live_memory_max_bytes / segment_size;
+        if live_limit_segments < live_min {
+            report.warnings.push(format!(
+                "live_memory_max_bytes {} holds {live_limit_segments} segments of the log's \
+                 {segment_size} bytes; using {live_min} (live_segments_max + 1)",
+                config.live_memory_max_bytes
+            ));
+            live_limit_segments = live_min;
+        }
+        let live_segments = handles
+            .iter()
+            .filter(|handle| handle.mem.kind() != mem::MapKind::ReadOnly)
+            .count() as u64;
         let shared = Arc::new(Shared {
             segments_dir,
             segment_size,
@@ -391,6 +407,8 @@ impl ShardLog {
             time_interval_bytes: config.time_index_interval_bytes,
             live: live.clone(),
             prepared: Mutex::new(None),
+            live_segments: AtomicU64::new(live_segments),
+            live_limit_segments,
         });
         let log = ShardLog {
             shared,
@@ -401,6 +419,7 @@ impl ShardLog {
             registry_path,
             reader_state: None,
             shared_files,
+            live_released_at: None,
             _lock: lock,
         };
         if !log.registry_path.exists() || !log.shared.lock_list().is_empty() {

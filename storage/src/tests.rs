@@ -514,3 +514,137 @@ proptest! {
         }
     }
 }
+
+/// Live memory files (segments and the one prepared ahead) in a live directory.
+fn live_files(live: &Path) -> usize {
+    std::fs::read_dir(live)
+        .unwrap()
+        .filter(|e| {
+            let path = e.as_ref().unwrap().path();
+            path.extension().is_some_and(|x| x == "seg" || x == "next")
+        })
+        .count()
+}
+
+#[test]
+fn live_memory_limit_is_validated() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = LogConfig {
+        live_segments_max: 2,
+        live_memory_max_bytes: 3 * MIB2 - 1,
+        ..config(dir.path())
+    };
+    let err = ShardLog::open(cfg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OpenError::Config {
+                key: "live_memory_max_bytes",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains("live_segments_max (2) + 1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn live_memory_full_holds_appends_back_until_the_flusher_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = tempfile::tempdir_in("/dev/shm").unwrap();
+    let cfg = LogConfig {
+        live_segments_max: 1,
+        live_memory_max_bytes: 3 * MIB2,
+        ..shm_config(dir.path(), live.path())
+    };
+    let (mut log, _) = ShardLog::open(cfg).unwrap();
+    log.create_stream(1, StreamConfig::default()).unwrap();
+    // Taken but stalled: not polled until the log is full.
+    let mut flusher = log.flusher().unwrap();
+    let mut acked: Vec<Vec<u8>> = Vec::new();
+    let mut seq = 0u64;
+    // Two-frame batches: a batch whose second frame needs the refused roll
+    // must leave nothing behind.
+    let err = loop {
+        let (a, b) = (frame(1, seq, 3000), frame(1, seq + 1, 3000));
+        match log.append(1, &[&a, &b], seq) {
+            Ok(outcome) => {
+                assert_eq!(outcome.first_offset, acked.len() as u64);
+                acked.extend([a, b]);
+                seq += 2;
+            }
+            Err(err) => break err,
+        }
+        assert!(seq < 100_000, "the limit never held the writer back");
+    };
+    let positions = log.positions();
+    match err {
+        AppendError::LiveMemoryFull {
+            live_bytes,
+            limit_bytes,
+            appended,
+            synced,
+        } => {
+            assert_eq!(limit_bytes, 3 * MIB2);
+            assert_eq!(live_bytes, 3 * MIB2);
+            assert_eq!(appended, positions.appended);
+            assert_eq!(synced, 0);
+        }
+        other => panic!("expected LiveMemoryFull, got {other}"),
+    }
+    assert_eq!(log.active.number, 2, "three live segments: 0, 1 and 2");
+    assert_eq!(log.stream_info(1).unwrap().next_offset, acked.len() as u64);
+    assert_eq!(live_files(live.path()), 3);
+    let usage = log.live_memory();
+    assert_eq!((usage.segments, usage.bytes), (3, 3 * MIB2));
+    // The flusher was asked to sync everything appended.
+    assert_eq!(
+        log.shared.meta.load(crate::mem::Slot::SyncRequest),
+        positions.appended
+    );
+    // Retrying while the flusher is stalled keeps failing, and changes nothing.
+    for _ in 0..3 {
+        let (a, b) = (frame(1, seq, 3000), frame(1, seq + 1, 3000));
+        let err = log.append(1, &[&a, &b], seq).unwrap_err();
+        assert!(matches!(err, AppendError::LiveMemoryFull { .. }), "{err}");
+    }
+    assert_eq!(log.positions(), positions);
+    // The flusher catches up, but prepares nothing ahead: no room until
+    // the writer's next roll releases the synced copies.
+    flush_all(&log, &mut flusher);
+    assert_eq!(
+        live_files(live.path()),
+        3,
+        "nothing prepared beyond the limit"
+    );
+    // Caught up: the roll releases the synced copies and appends go on,
+    // across several more rolls with the flusher keeping up.
+    for _ in 0..2000 {
+        let (a, b) = (frame(1, seq, 3000), frame(1, seq + 1, 3000));
+        let outcome = log.append(1, &[&a, &b], seq).unwrap();
+        assert_eq!(outcome.first_offset, acked.len() as u64);
+        acked.extend([a, b]);
+        seq += 2;
+        if seq.is_multiple_of(64) {
+            flush_all(&log, &mut flusher);
+        }
+        assert!(live_files(live.path()) <= 3);
+    }
+    assert!(log.active.number >= 6, "rolled on after the stall");
+    flush_all(&log, &mut flusher);
+    let read: Vec<Vec<u8>> = read_all(&mut log, 1, 0)
+        .into_iter()
+        .map(|(_, bytes)| bytes)
+        .collect();
+    assert_eq!(read.len(), acked.len());
+    assert!(read == acked, "every acknowledged frame, once, in order");
+    drop(flusher);
+    drop(log);
+    let (mut log, _) = ShardLog::open(shm_config(dir.path(), live.path())).unwrap();
+    let read = read_all(&mut log, 1, 0);
+    assert_eq!(read.len(), acked.len());
+    assert!(read.iter().map(|(_, bytes)| bytes).eq(acked.iter()));
+}
