@@ -48,6 +48,8 @@ pub(crate) struct StreamIndex {
     pub last_position: u64,
     /// Bytes of this stream since its last index entry.
     pub bytes_since_entry: u32,
+    /// Bytes of this stream's batches (headers included) seen by this index.
+    pub bytes_total: u64,
 }
 
 impl StreamIndex {
@@ -195,6 +197,7 @@ impl<M: Default> LogIndex<M> {
         index.bytes_since_entry = index
             .bytes_since_entry
             .saturating_add(header.record_len() as u32);
+        index.bytes_total += header.record_len() as u64;
         index.next_offset = index.next_offset.max(header.next_offset());
         index.last_position = position;
         segment.batches += 1;

@@ -252,10 +252,13 @@ pub use kaelix_protocol::DurabilityLevel;
 pub use live::{LiveBacking, find_hugetlbfs_mount, free_huge_pages, meminfo_value};
 pub use log::{
     AppendOutcome, BatchWriter, LiveMemoryUsage, Positions, RetentionReport, ShardLog, StreamInfo,
+    StreamRetention,
 };
 pub use reader::{LogReader, ReadBatch, Record};
 pub use recovery::RecoveryReport;
 
+#[cfg(test)]
+mod stream_retention_tests;
 #[cfg(test)]
 mod tests;
 

@@ -1,6 +1,6 @@
 //! The writer side: [`ShardLog`], batches, rolls, streams, retention.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,6 +64,58 @@ pub struct StreamInfo {
     pub first_offset: u64,
     /// Offset the next appended frame gets.
     pub next_offset: u64,
+    /// The stream's own retention limits (none: only the shard log's apply).
+    pub retention: StreamRetention,
+}
+
+/// Retention of one stream, on top of the shard log's.
+///
+/// The streams of a shard share one log whose segments retention deletes
+/// whole, so a stream's own limits cannot free space by themselves: they
+/// move the stream's first offset forward. Offsets below it are not served
+/// (readers get [`crate::ReadError::OffsetRetained`]) and stay hidden after a
+/// restart; the bytes go when the shard log's retention deletes their segment.
+///
+/// Limits are lower bounds, as in segment-based brokers: the stream keeps at
+/// least its newest `bytes` of batches and everything younger than `age_ns`.
+/// The first offset moves in steps taken by [`ShardLog::enforce_retention`]
+/// (about once a second in the broker), so a little more may stay readable
+/// for a while. Steps restart at open: what was appended before a restart
+/// is hidden once `age_ns` has passed since, or once `bytes` were appended since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamRetention {
+    /// Keep at least this many bytes of the stream's batches (headers included).
+    pub bytes: Option<u64>,
+    /// Keep at least what was appended within this many nanoseconds.
+    pub age_ns: Option<u64>,
+}
+
+impl StreamRetention {
+    /// True when neither limit is set.
+    pub fn is_none(&self) -> bool {
+        self.bytes.is_none() && self.age_ns.is_none()
+    }
+}
+
+/// A point of a stream's history kept for its retention: everything below
+/// `offset` was appended by `time_ns`, when the stream had `bytes_total` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RetentionMark {
+    pub offset: u64,
+    pub bytes_total: u64,
+    pub time_ns: u64,
+}
+
+/// Marks kept per stream at most; past that every other one is dropped
+/// (coarser steps, never less kept).
+pub(crate) const RETENTION_MARKS_MAX: usize = 1024;
+
+/// What readers learn of the registered streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CatalogEntry {
+    pub durability: DurabilityLevel,
+    /// Offsets below are not served.
+    pub first_offset: u64,
 }
 
 /// How much live memory a log holds (for metrics).
@@ -87,6 +139,8 @@ pub struct RetentionReport {
     pub bytes_deleted: u64,
     /// Log position of the oldest data kept.
     pub first_position: u64,
+    /// Streams whose own retention moved their first offset.
+    pub streams_trimmed: usize,
 }
 
 /// The writer's per-stream data.
@@ -94,8 +148,11 @@ pub struct RetentionReport {
 pub(crate) struct WriterStream {
     pub registered: bool,
     pub durability: DurabilityLevel,
-    /// First offset of the current incarnation (offsets below belong to a deleted one).
+    /// Offsets below are not served: they belong to a deleted incarnation,
+    /// or the stream's own retention hid them.
     pub first_offset: u64,
+    /// The stream's own retention.
+    pub retention: StreamRetention,
 }
 
 /// Seal of a segment: its final length (END record included).
@@ -133,6 +190,10 @@ pub(crate) struct Shared {
     pub live: Live,
     /// The next live segment, mapped (and prefaulted) ahead of the roll by the flusher.
     pub prepared: Mutex<Option<(u64, LiveSegment)>>,
+    /// Registered streams as readers see them, replaced on every registry change.
+    pub catalog: Mutex<HashMap<u32, CatalogEntry>>,
+    /// Bumped (release) after every change of `catalog`.
+    pub catalog_generation: AtomicU64,
     /// Segments in `list` with a live copy (stored by the writer only).
     pub live_segments: AtomicU64,
     /// At most this many live segments, the prepared one included.
@@ -251,6 +312,8 @@ pub struct ShardLog {
     pub(crate) registry_path: PathBuf,
     pub(crate) reader_state: Option<Arc<Mutex<FollowState>>>,
     pub(crate) shared_files: Vec<PathBuf>,
+    /// History of streams with their own retention (see [`StreamRetention`]).
+    pub(crate) retention_marks: HashMap<u32, VecDeque<RetentionMark>>,
     /// `(synced, next segment)` of the last release before a roll: a writer
     /// held back by the live memory limit does not rescan until either moves.
     pub(crate) live_released_at: Option<(u64, u64)>,
@@ -375,29 +438,54 @@ impl ShardLog {
         Ok(self.stream_info(stream_id).expect("created above"))
     }
 
+    /// Create a stream with its own retention (see [`StreamRetention`]), with
+    /// one registry write.
+    pub fn create_stream_with_retention(
+        &mut self,
+        stream_id: u32,
+        config: StreamConfig,
+        retention: StreamRetention,
+    ) -> Result<StreamInfo, StreamError> {
+        self.create_streams_retained(&[(stream_id, config, retention)])?;
+        Ok(self.stream_info(stream_id).expect("created above"))
+    }
+
     /// Create many streams with one registry write.
     pub fn create_streams(&mut self, streams: &[(u32, StreamConfig)]) -> Result<(), StreamError> {
-        for (i, (stream_id, _)) in streams.iter().enumerate() {
+        let streams: Vec<(u32, StreamConfig, StreamRetention)> = streams
+            .iter()
+            .map(|(id, config)| (*id, *config, StreamRetention::default()))
+            .collect();
+        self.create_streams_retained(&streams)
+    }
+
+    fn create_streams_retained(
+        &mut self,
+        streams: &[(u32, StreamConfig, StreamRetention)],
+    ) -> Result<(), StreamError> {
+        for (i, (stream_id, _, _)) in streams.iter().enumerate() {
             let registered = self
                 .index
                 .streams
                 .get(stream_id)
                 .is_some_and(|slot| slot.meta.registered);
-            if registered || streams[..i].iter().any(|(other, _)| other == stream_id) {
+            if registered || streams[..i].iter().any(|(other, _, _)| other == stream_id) {
                 return Err(StreamError::Exists {
                     stream_id: *stream_id,
                 });
             }
         }
         let mut previous = Vec::with_capacity(streams.len());
-        for (stream_id, config) in streams {
+        for (stream_id, config, retention) in streams {
             let slot = self.index.streams.entry(*stream_id).or_default();
             previous.push((*stream_id, slot.meta));
             slot.meta = WriterStream {
                 registered: true,
                 durability: config.durability,
                 first_offset: slot.index.next_offset,
+                retention: *retention,
             };
+            self.retention_marks.remove(stream_id);
         }
         self.save_registry().inspect_err(|_| {
             for (stream_id, meta) in previous {
@@ -405,25 +493,76 @@ impl ShardLog {
                     slot.meta = meta;
                 }
             }
-        })
+        })?;
+        self.publish_catalog();
+        Ok(())
+    }
+
+    /// Change a stream's own retention; the next
+    /// [`ShardLog::enforce_retention`] applies it.
+    pub fn set_stream_retention(
+        &mut self,
+        stream_id: u32,
+        retention: StreamRetention,
+    ) -> Result<StreamInfo, StreamError> {
+        let meta = self.registered_mut(stream_id)?;
+        let previous = std::mem::replace(&mut meta.retention, retention);
+        self.save_registry().inspect_err(|_| {
+            if let Some(slot) = self.index.streams.get_mut(&stream_id) {
+                slot.meta.retention = previous;
+            }
+        })?;
+        Ok(self.stream_info(stream_id).expect("registered above"))
+    }
+
+    /// The writer's data of a registered stream.
+    fn registered_mut(&mut self, stream_id: u32) -> Result<&mut WriterStream, StreamError> {
+        self.index
+            .streams
+            .get_mut(&stream_id)
+            .filter(|slot| slot.meta.registered)
+            .map(|slot| &mut slot.meta)
+            .ok_or(StreamError::Unknown { stream_id })
+    }
+
+    /// Publish the registered streams to readers.
+    pub(crate) fn publish_catalog(&self) {
+        let catalog: HashMap<u32, CatalogEntry> = self
+            .index
+            .streams
+            .iter()
+            .filter(|(_, slot)| slot.meta.registered)
+            .map(|(id, slot)| {
+                (
+                    *id,
+                    CatalogEntry {
+                        durability: slot.meta.durability,
+                        first_offset: slot.meta.first_offset,
+                    },
+                )
+            })
+            .collect();
+        *self
+            .shared
+            .catalog
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = catalog;
+        self.shared
+            .catalog_generation
+            .fetch_add(1, Ordering::AcqRel);
     }
 
     /// Delete a stream: appends fail from now on, its data goes with retention.
     pub fn delete_stream(&mut self, stream_id: u32) -> Result<(), StreamError> {
-        let Some(slot) = self
-            .index
-            .streams
-            .get_mut(&stream_id)
-            .filter(|slot| slot.meta.registered)
-        else {
-            return Err(StreamError::Unknown { stream_id });
-        };
-        slot.meta.registered = false;
+        self.registered_mut(stream_id)?.registered = false;
         self.save_registry().inspect_err(|_| {
             if let Some(slot) = self.index.streams.get_mut(&stream_id) {
                 slot.meta.registered = true;
             }
-        })
+        })?;
+        self.retention_marks.remove(&stream_id);
+        self.publish_catalog();
+        Ok(())
     }
 
     /// A stream's settings and offsets.
@@ -442,6 +581,7 @@ impl ShardLog {
                 .max(slot.meta.first_offset)
                 .min(slot.index.next_offset),
             next_offset: slot.index.next_offset,
+            retention: slot.meta.retention,
         })
     }
 
@@ -476,6 +616,7 @@ impl ShardLog {
                 deleted: !slot.meta.registered,
                 first_offset: slot.meta.first_offset,
                 floor: slot.index.next_offset,
+                retention: slot.meta.retention,
             })
             .collect();
         registry::encode(self.shared.segment_size, &entries)
@@ -648,8 +789,86 @@ impl ShardLog {
         self.config.retention_age_ns = retention_age_ns;
     }
 
-    /// Delete whole sealed, fully synced segments beyond the size limit or older than the age limit.
+    /// Move the first offset of streams with their own retention (see
+    /// [`StreamRetention`]), then delete whole sealed, fully synced segments
+    /// beyond the size limit or older than the age limit.
     pub fn enforce_retention(&mut self, now_ns: u64) -> Result<RetentionReport, RetentionError> {
+        let streams_trimmed = self.enforce_stream_retention(now_ns)?;
+        let mut report = self.enforce_log_retention(now_ns)?;
+        report.streams_trimmed = streams_trimmed;
+        Ok(report)
+    }
+
+    /// Streams' own retention: note where each stream is now, then move its
+    /// first offset to the newest mark that is old enough or has enough
+    /// bytes after it. Returns how many streams moved.
+    fn enforce_stream_retention(&mut self, now_ns: u64) -> Result<usize, RetentionError> {
+        let mut trimmed = 0;
+        for (stream_id, slot) in self.index.streams.iter_mut() {
+            let retention = slot.meta.retention;
+            if !slot.meta.registered || retention.is_none() {
+                continue;
+            }
+            let marks = self.retention_marks.entry(*stream_id).or_default();
+            let next_offset = slot.index.next_offset;
+            let bytes_total = slot.index.bytes_total;
+            if marks.back().is_none_or(|mark| mark.offset < next_offset) {
+                if marks.len() >= RETENTION_MARKS_MAX {
+                    // Keep every other mark, the newest included.
+                    let mut keep = marks.len().is_multiple_of(2);
+                    marks.retain(|_| {
+                        keep = !keep;
+                        keep
+                    });
+                }
+                marks.push_back(RetentionMark {
+                    offset: next_offset,
+                    bytes_total,
+                    time_ns: now_ns,
+                });
+            }
+            // The newest mark below which everything may go.
+            let expendable = |mark: &RetentionMark| {
+                let enough_after = retention
+                    .bytes
+                    .is_some_and(|keep| bytes_total - mark.bytes_total >= keep);
+                let old_enough = retention
+                    .age_ns
+                    .is_some_and(|age| now_ns.saturating_sub(mark.time_ns) > age);
+                enough_after || old_enough
+            };
+            let Some(at) = marks.iter().rposition(expendable) else {
+                continue;
+            };
+            let floor = marks[at].offset;
+            marks.drain(..at);
+            if floor > slot.meta.first_offset {
+                slot.meta.first_offset = floor;
+                slot.index.start_at(floor);
+                trimmed += 1;
+            }
+        }
+        if trimmed > 0 {
+            // Hidden offsets stay hidden after a restart.
+            self.save_registry()
+                .map_err(|err| self.registry_error(err))?;
+            self.publish_catalog();
+        }
+        Ok(trimmed)
+    }
+
+    fn registry_error(&self, err: StreamError) -> RetentionError {
+        match err {
+            StreamError::Registry { path, source } => RetentionError::Registry { path, source },
+            other => RetentionError::Registry {
+                path: self.registry_path.clone(),
+                source: std::io::Error::other(other.to_string()),
+            },
+        }
+    }
+
+    /// Delete whole sealed, fully synced segments beyond the size limit or older than the age limit.
+    fn enforce_log_retention(&mut self, now_ns: u64) -> Result<RetentionReport, RetentionError> {
         let size = self.shared.segment_size;
         let synced = self.shared.meta.load(Slot::Synced);
         let sealed: Vec<(u64, u64)> = self
@@ -694,13 +913,8 @@ impl ShardLog {
             });
         };
         // Offsets in the doomed segments must stay used up after a restart.
-        self.save_registry().map_err(|err| match err {
-            StreamError::Registry { path, source } => RetentionError::Registry { path, source },
-            other => RetentionError::Registry {
-                path: self.registry_path.clone(),
-                source: std::io::Error::other(other.to_string()),
-            },
-        })?;
+        self.save_registry()
+            .map_err(|err| self.registry_error(err))?;
         let first_number = last_doomed + 1;
         let removed: Vec<Arc<SegmentHandle>> = {
             let mut list = self.shared.lock_list();
@@ -721,6 +935,7 @@ impl ShardLog {
             segments_deleted: removed.len(),
             bytes_deleted: doomed.iter().map(|(_, len)| len).sum(),
             first_position: first_position + SEGMENT_HEADER_LEN as u64,
+            streams_trimmed: 0,
         };
         for handle in removed {
             for path in [

@@ -313,6 +313,8 @@ pub(crate) struct FollowState {
     index: LogIndex<()>,
     followed: u64,
     first_position: u64,
+    /// The catalog generation whose first offsets are applied to `index`.
+    catalog_generation: Option<u64>,
 }
 
 impl FollowState {
@@ -321,6 +323,35 @@ impl FollowState {
             index,
             followed,
             first_position: 0,
+            catalog_generation: None,
+        }
+    }
+
+    /// Hide what the writer no longer serves: offsets below each stream's
+    /// first offset (an older incarnation, the stream's own retention).
+    /// A first offset beyond what this index has seen waits for the next call.
+    fn apply_catalog(&mut self, shared: &Shared) {
+        let generation = shared.catalog_generation.load(Ordering::Acquire);
+        if self.catalog_generation == Some(generation) {
+            return;
+        }
+        let catalog = shared
+            .catalog
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut complete = true;
+        for (stream_id, entry) in catalog.iter() {
+            let Some(slot) = self.index.streams.get_mut(stream_id) else {
+                continue;
+            };
+            if entry.first_offset > slot.index.next_offset {
+                complete = false;
+                continue;
+            }
+            slot.index.start_at(entry.first_offset);
+        }
+        if complete {
+            self.catalog_generation = Some(generation);
         }
     }
 }
@@ -476,7 +507,20 @@ impl LogReader {
                 .max(first_position + SEGMENT_HEADER_LEN as u64);
         }
         catch_up(view, &mut state.index, &mut state.followed, appended)?;
+        state.apply_catalog(shared);
         f(&state.index)
+    }
+
+    /// The durability level of `stream_id`, or `None` when the log has no
+    /// such stream (never created, or deleted). Follows creations and
+    /// deletions made after this reader was made.
+    pub fn stream_level(&self, stream_id: u32) -> Option<kaelix_protocol::DurabilityLevel> {
+        self.shared
+            .catalog
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&stream_id)
+            .map(|entry| entry.durability)
     }
 
     /// The first offset of `stream_id` and one past its last, as this reader knows them.

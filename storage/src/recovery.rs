@@ -1,7 +1,7 @@
 //! Opening a log: recovery of segments from the disk copy and surviving
 //! live copies, index loading or rebuilding, and setting up the live memory.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -276,6 +276,7 @@ impl ShardLog {
                 registered: !entry.deleted,
                 durability: entry.durability,
                 first_offset: entry.first_offset,
+                retention: entry.retention,
             };
             slot.index.next_offset = slot.index.next_offset.max(entry.floor);
             slot.index.start_at(entry.first_offset);
@@ -407,6 +408,8 @@ impl ShardLog {
             time_interval_bytes: config.time_index_interval_bytes,
             live: live.clone(),
             prepared: Mutex::new(None),
+            catalog: Mutex::new(HashMap::new()),
+            catalog_generation: AtomicU64::new(0),
             live_segments: AtomicU64::new(live_segments),
             live_limit_segments,
         });
@@ -420,8 +423,10 @@ impl ShardLog {
             reader_state: None,
             shared_files,
             live_released_at: None,
+            retention_marks: HashMap::new(),
             _lock: lock,
         };
+        log.publish_catalog();
         if !log.registry_path.exists() || !log.shared.lock_list().is_empty() {
             // Persist the geometry (and the floors) right away.
             registry::write_atomic(&log.registry_path, &log.registry_bytes(), true).map_err(

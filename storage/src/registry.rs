@@ -2,13 +2,17 @@
 //! and small file helpers.
 //!
 //! ```text
-//!  header (32 bytes)                      entry (24 bytes each)
+//!  header (32 bytes)                      entry (40 bytes each; 24 in version 1)
 //!  0   8  magic "KXREG001"               0   4  stream_id
 //!  8   4  crc32 of bytes 12..end          4   1  durability (0 memory, 1 flush, 2 fsync)
-//!  12  4  version (1)                     5   1  flags (bit 0: deleted)
+//!  12  4  version (2; 1 is still read)    5   1  flags (bit 0: deleted)
 //!  16  8  segment_size                    6   2  zero
-//!  24  4  entry count                     8   8  first_offset (of this incarnation)
-//!  28  4  zero                            16  8  floor: offsets below are used up
+//!  24  4  entry count                     8   8  first_offset: offsets below are not
+//!  28  4  zero                                   served (an older incarnation, or the
+//!                                                 stream's own retention moved it)
+//!                                         16  8  floor: offsets below are used up
+//!                                         24  8  retention bytes (u64::MAX: none)   v2
+//!                                         32  8  retention age ns (u64::MAX: none)  v2
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -17,10 +21,16 @@ use std::path::Path;
 
 use kaelix_protocol::DurabilityLevel;
 
+use crate::log::StreamRetention;
+
 const MAGIC: u64 = u64::from_le_bytes(*b"KXREG001");
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 const HEADER_LEN: usize = 32;
-const ENTRY_LEN: usize = 24;
+const ENTRY_LEN: usize = 40;
+/// Entries of version 1 (no per-stream retention).
+const ENTRY_LEN_V1: usize = 24;
+/// "No limit" in the retention fields.
+const NONE: u64 = u64::MAX;
 
 /// One stream as the registry stores it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +40,7 @@ pub(crate) struct RegistryEntry {
     pub deleted: bool,
     pub first_offset: u64,
     pub floor: u64,
+    pub retention: StreamRetention,
 }
 
 /// Encode a registry.
@@ -48,6 +59,9 @@ pub(crate) fn encode(segment_size: u64, entries: &[RegistryEntry]) -> Vec<u8> {
         out.extend_from_slice(&[0, 0]);
         out.extend_from_slice(&entry.first_offset.to_le_bytes());
         out.extend_from_slice(&entry.floor.to_le_bytes());
+        for limit in [entry.retention.bytes, entry.retention.age_ns] {
+            out.extend_from_slice(&limit.unwrap_or(NONE).to_le_bytes());
+        }
     }
     let crc = crc32fast::hash(&out[12..]);
     out[8..12].copy_from_slice(&crc.to_le_bytes());
@@ -74,20 +88,23 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<RegistryEntry>), String> 
             u32_at(8)
         ));
     }
-    if u32_at(12) != VERSION {
-        return Err(format!("unsupported registry version {}", u32_at(12)));
-    }
+    let entry_len = match u32_at(12) {
+        1 => ENTRY_LEN_V1,
+        VERSION => ENTRY_LEN,
+        other => return Err(format!("unsupported registry version {other}")),
+    };
     let count = u32_at(24) as usize;
-    if bytes.len() != HEADER_LEN + count * ENTRY_LEN {
+    if bytes.len() != HEADER_LEN + count * entry_len {
         return Err(format!(
             "registry is {} bytes, {count} entries need {}",
             bytes.len(),
-            HEADER_LEN + count * ENTRY_LEN
+            HEADER_LEN + count * entry_len
         ));
     }
+    let limit = |value: u64| (value != NONE).then_some(value);
     let mut entries = Vec::with_capacity(count);
     for i in 0..count {
-        let at = HEADER_LEN + i * ENTRY_LEN;
+        let at = HEADER_LEN + i * entry_len;
         let durability = DurabilityLevel::from_u8(bytes[at + 4]).ok_or_else(|| {
             format!(
                 "stream {} has unknown durability {}",
@@ -108,6 +125,14 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<(u64, Vec<RegistryEntry>), String> 
             deleted: bytes[at + 5] == 1,
             first_offset: u64_at(at + 8),
             floor: u64_at(at + 16),
+            retention: if entry_len == ENTRY_LEN {
+                StreamRetention {
+                    bytes: limit(u64_at(at + 24)),
+                    age_ns: limit(u64_at(at + 32)),
+                }
+            } else {
+                StreamRetention::default()
+            },
         });
     }
     Ok((u64_at(16), entries))
@@ -158,6 +183,10 @@ mod tests {
                 deleted: false,
                 first_offset: 0,
                 floor: 10,
+                retention: StreamRetention {
+                    bytes: Some(1 << 20),
+                    age_ns: None,
+                },
             },
             RegistryEntry {
                 stream_id: 9,
@@ -165,6 +194,10 @@ mod tests {
                 deleted: true,
                 first_offset: 5,
                 floor: 7,
+                retention: StreamRetention {
+                    bytes: None,
+                    age_ns: Some(60_000_000_000),
+                },
             },
         ];
         let bytes = encode(4 << 20, &entries);
@@ -175,6 +208,37 @@ mod tests {
             assert!(decode(&bad).is_err(), "flip at {at} accepted");
         }
         assert!(decode(&bytes[..40]).is_err());
+    }
+
+    #[test]
+    fn version_1_registries_are_still_read() {
+        // Version 1: 24-byte entries without retention.
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&MAGIC.to_le_bytes());
+        v1.extend_from_slice(&0u32.to_le_bytes());
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&(4u64 << 20).to_le_bytes());
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.extend_from_slice(&0u32.to_le_bytes());
+        v1.extend_from_slice(&3u32.to_le_bytes());
+        v1.extend_from_slice(&[2, 0, 0, 0]);
+        v1.extend_from_slice(&4u64.to_le_bytes());
+        v1.extend_from_slice(&9u64.to_le_bytes());
+        let crc = crc32fast::hash(&v1[12..]);
+        v1[8..12].copy_from_slice(&crc.to_le_bytes());
+        let (size, entries) = decode(&v1).unwrap();
+        assert_eq!(size, 4 << 20);
+        assert_eq!(
+            entries,
+            vec![RegistryEntry {
+                stream_id: 3,
+                durability: DurabilityLevel::Fsync,
+                deleted: false,
+                first_offset: 4,
+                floor: 9,
+                retention: StreamRetention::default(),
+            }]
+        );
     }
 
     #[test]
