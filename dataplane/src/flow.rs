@@ -24,6 +24,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use kaelix_protocol::DurabilityLevel;
 
 use crate::backend::Peer;
+use crate::counters::StreamCounts;
 
 /// Identifies a flow: one producer writing one stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +71,19 @@ pub struct AckPoint {
     pub offset: u64,
     /// Producer timestamp of that frame (echoed in the ACK).
     pub timestamp_ns: u64,
+    /// Shard clock (monotonic ns) of the cycle that received the oldest
+    /// batch folded into this point (for the append-to-ACK latency).
+    pub received_ns: u64,
+}
+
+/// What [`FlowState::poll_ack_timed`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AckPoll {
+    /// An ACK should be sent now.
+    pub due: bool,
+    /// When new data is acknowledged: the receive time (shard clock) of the
+    /// oldest batch it newly covers.
+    pub received_ns: Option<u64>,
 }
 
 /// State of one flow.
@@ -140,18 +154,31 @@ impl FlowState {
     }
 
     /// The storage batch holding this flow's frames up to `seq` (at stream
-    /// `offset`) was committed and ends at log `end_position`.
-    pub fn batch_committed(&mut self, seq: u64, offset: u64, timestamp_ns: u64, end_position: u64) {
+    /// `offset`) was committed and ends at log `end_position`; it was
+    /// received in the cycle whose shard clock read `received_ns`.
+    pub fn batch_committed(
+        &mut self,
+        seq: u64,
+        offset: u64,
+        timestamp_ns: u64,
+        end_position: u64,
+        received_ns: u64,
+    ) {
         debug_assert!(seq < self.expected);
-        let point = AckPoint {
+        let mut point = AckPoint {
             end_position,
             sequence: seq,
             offset,
             timestamp_ns,
+            received_ns,
         };
         if self.waiting.is_none() {
             self.waiting = Some(point);
         } else {
+            // Folded into the newest point: keep the oldest receive time.
+            if let Some(newest) = self.newest {
+                point.received_ns = newest.received_ns.min(received_ns);
+            }
             self.newest = Some(point);
         }
     }
@@ -171,7 +198,13 @@ impl FlowState {
     /// Advance the acknowledgement given the durable log position for this
     /// flow's level. Returns true when an ACK should be sent now.
     pub fn poll_ack(&mut self, durable_position: u64) -> bool {
-        let mut advanced = false;
+        self.poll_ack_timed(durable_position).due
+    }
+
+    /// [`FlowState::poll_ack`], also saying when the oldest batch newly
+    /// acknowledged was received.
+    pub fn poll_ack_timed(&mut self, durable_position: u64) -> AckPoll {
+        let mut received_ns = None;
         while let Some(point) = self.waiting {
             if point.end_position > durable_position {
                 break;
@@ -180,11 +213,11 @@ impl FlowState {
             self.acked_offset = point.offset;
             self.acked_timestamp_ns = point.timestamp_ns;
             self.waiting = self.newest.take();
-            advanced = true;
+            received_ns.get_or_insert(point.received_ns);
         }
-        let due = advanced || self.ack_due;
+        let due = received_ns.is_some() || self.ack_due;
         self.ack_due = false;
-        due
+        AckPoll { due, received_ns }
     }
 
     /// True while appended data waits for durability.
@@ -211,6 +244,10 @@ impl Hasher for FlowHasher {
     fn write_u64(&mut self, value: u64) {
         self.0 = (self.0 ^ value).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     }
+
+    fn write_u32(&mut self, value: u32) {
+        self.write_u64(u64::from(value));
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -221,6 +258,9 @@ struct PackedKey(u64);
 pub struct FlowTable {
     flows: HashMap<PackedKey, FlowState, BuildHasherDefault<FlowHasher>>,
     recovered: HashMap<PackedKey, (u64, u64), BuildHasherDefault<FlowHasher>>,
+    /// Counts per stream: one entry per stream this shard has that saw a
+    /// frame (so at most the shard's registered streams; removed with the stream).
+    streams: HashMap<u32, StreamCounts, BuildHasherDefault<FlowHasher>>,
     max_flows: usize,
 }
 
@@ -238,8 +278,27 @@ impl FlowTable {
         Self {
             flows: HashMap::with_capacity_and_hasher(initial, Default::default()),
             recovered: HashMap::default(),
+            streams: HashMap::with_capacity_and_hasher(initial.min(1024), Default::default()),
             max_flows,
         }
+    }
+
+    /// The counts of a stream the shard has, created on first use (call
+    /// only for streams the log knows, which bounds the table).
+    #[inline]
+    pub fn stream_counts_mut(&mut self, stream_id: u32) -> &mut StreamCounts {
+        self.streams.entry(stream_id).or_default()
+    }
+
+    /// The counts of a stream, if it has any yet.
+    #[inline]
+    pub fn existing_stream_counts_mut(&mut self, stream_id: u32) -> Option<&mut StreamCounts> {
+        self.streams.get_mut(&stream_id)
+    }
+
+    /// Every stream's counts, in no particular order.
+    pub fn stream_counts(&self) -> impl Iterator<Item = (u32, &StreamCounts)> + '_ {
+        self.streams.iter().map(|(id, counts)| (*id, counts))
     }
 
     /// Remember the last sequence (and its stream offset) a flow had in the
@@ -299,6 +358,7 @@ impl FlowTable {
     pub fn remove_stream(&mut self, stream_id: u32) {
         self.flows.retain(|key, _| key.0 as u32 != stream_id);
         self.recovered.retain(|key, _| key.0 as u32 != stream_id);
+        self.streams.remove(&stream_id);
     }
 }
 
@@ -325,7 +385,7 @@ mod tests {
             .unwrap();
         assert_eq!(flow.admit(1, 10), Admission::Append);
         flow.accept(1);
-        flow.batch_committed(1, 0, 0, 100);
+        flow.batch_committed(1, 0, 0, 100, 0);
         assert_eq!(flow.admit(1, 10), Admission::Duplicate);
         assert_eq!(flow.admit(3, 10), Admission::Gap { expected: 2 });
         assert_eq!(flow.admit(11, 10), Admission::OutOfWindow { limit: 10 });
@@ -342,21 +402,52 @@ mod tests {
             .get_or_insert(key(), peer(), DurabilityLevel::Fsync)
             .unwrap();
         flow.accept(1);
-        flow.batch_committed(1, 0, 0, 100);
+        flow.batch_committed(1, 0, 0, 100, 0);
         flow.accept(2);
-        flow.batch_committed(2, 1, 0, 200);
+        flow.batch_committed(2, 1, 0, 200, 0);
         assert!(!flow.poll_ack(50));
         assert!(flow.poll_ack(150));
         assert_eq!(flow.acked, 1);
         // More appends keep arriving; the ack still advances each time durability does.
         flow.accept(3);
-        flow.batch_committed(3, 2, 0, 300);
+        flow.batch_committed(3, 2, 0, 300, 0);
         assert!(flow.poll_ack(250));
         assert_eq!(flow.acked, 2);
         assert!(flow.poll_ack(300));
         assert_eq!(flow.acked, 3);
         assert!(!flow.is_waiting());
         assert!(!flow.poll_ack(300));
+    }
+
+    #[test]
+    fn acks_report_the_receive_time_of_the_oldest_batch_they_cover() {
+        let mut table = FlowTable::new(4, 4);
+        let flow = table
+            .get_or_insert(key(), peer(), DurabilityLevel::Fsync)
+            .unwrap();
+        for (seq, received_ns) in [(1, 10), (2, 20), (3, 30)] {
+            flow.accept(seq);
+            flow.batch_committed(seq, seq - 1, 0, seq * 100, received_ns);
+        }
+        let poll = flow.poll_ack_timed(100);
+        assert_eq!((poll.due, poll.received_ns), (true, Some(10)));
+        // Batches 2 and 3 were folded into one point: it keeps batch 2's time.
+        let poll = flow.poll_ack_timed(300);
+        assert_eq!((poll.due, poll.received_ns), (true, Some(20)));
+        assert_eq!(flow.acked, 3);
+        let poll = flow.poll_ack_timed(300);
+        assert_eq!((poll.due, poll.received_ns), (false, None));
+        // A duplicate makes an ACK due without new data: no latency.
+        flow.ack_due = true;
+        assert_eq!(flow.poll_ack_timed(300).received_ns, None);
+        table.stream_counts_mut(2).duplicates += 1;
+        assert_eq!(table.stream_counts().count(), 1);
+        table.remove_stream(2);
+        assert_eq!(
+            table.stream_counts().count(),
+            0,
+            "counts go with the stream"
+        );
     }
 
     #[test]
