@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kaelix_protocol::DurabilityLevel;
-use kaelix_storage::{StreamError, StreamInfo};
+use kaelix_storage::{StreamError, StreamInfo, StreamRetention};
 use tonic::{Request, Response, Status};
 
 use crate::config::KeyChange;
@@ -63,6 +63,32 @@ fn durability_from_pb(value: i32) -> Result<DurabilityLevel, Status> {
             "durability: {value} is not a durability level (allowed: memory, flush, fsync)"
         ))),
     }
+}
+
+const MIB: u64 = 1024 * 1024;
+const SECOND_NS: u64 = 1_000_000_000;
+
+/// A stream's own retention from the request (0 or too large: INVALID_ARGUMENT).
+fn retention_from_pb(
+    retention_mib: Option<u64>,
+    retention_age_secs: Option<u64>,
+) -> Result<StreamRetention, Status> {
+    let scale = |field: &str, value: Option<u64>, unit: u64, max: u64| match value {
+        None => Ok(None),
+        Some(value) if value == 0 || value > max => Err(Status::invalid_argument(format!(
+            "{field}: {value} is out of range (allowed: 1 to {max}; leave it out for no limit)"
+        ))),
+        Some(value) => Ok(Some(value * unit)),
+    };
+    Ok(StreamRetention {
+        bytes: scale("retention_mib", retention_mib, MIB, u64::MAX / MIB)?,
+        age_ns: scale(
+            "retention_age_secs",
+            retention_age_secs,
+            SECOND_NS,
+            u64::MAX / SECOND_NS,
+        )?,
+    })
 }
 
 fn shard_status(err: ShardCallError) -> Status {
@@ -131,6 +157,8 @@ impl AdminService {
             append_rate_per_sec: rate,
             shard_log_bytes: positions.appended,
             replication_factor: 1,
+            retention_mib: info.retention.bytes.map(|bytes| bytes / MIB),
+            retention_age_secs: info.retention.age_ns.map(|ns| ns / SECOND_NS),
         }
     }
 
@@ -165,15 +193,10 @@ impl pb::streams_server::Streams for AdminService {
                     "replication_factor: {factor} needs a cluster; this broker runs one node (allowed: 1)"
                 )));
             }
-            if request.retention_mib.is_some() || request.retention_age_secs.is_some() {
-                return Err(Status::failed_precondition(
-                    "retention is set per shard log, not per stream: use storage.retention_mib and \
-                     storage.retention_age_secs (kaelix config set)",
-                ));
-            }
+            let retention = retention_from_pb(request.retention_mib, request.retention_age_secs)?;
             let broker = &self.state.broker;
             let info = broker
-                .create_stream(request.stream_id, durability)
+                .create_stream_retained(request.stream_id, durability, retention)
                 .await
                 .map_err(stream_status)?;
             tracing::info!(stream = request.stream_id, durability = %durability, "stream created");

@@ -40,6 +40,14 @@ pub trait FetchSource: Send + Sync + 'static {
     /// is kept for the connection's life.
     fn reader(&self, stream_id: u32) -> Option<LogReader>;
 
+    /// True while the broker has `stream_id` (asked before every read, so a
+    /// stream deleted while a connection follows it becomes unknown). The
+    /// default: every stream exists.
+    fn has_stream(&self, stream_id: u32) -> bool {
+        let _ = stream_id;
+        true
+    }
+
     /// The log position below which `stream_id`'s frames may be served:
     /// durable at the stream's level, or committed by replication. The
     /// default serves everything appended (the `memory` level).
@@ -89,10 +97,26 @@ where
         Some(self.readers[stream_id as usize % self.readers.len()].clone())
     }
 
-    fn readable_position(&self, stream_id: u32, reader: &LogReader) -> u64 {
-        let level = (self.level_of)(stream_id).unwrap_or_default();
-        reader.positions().durable(level)
+    fn has_stream(&self, stream_id: u32) -> bool {
+        (self.level_of)(stream_id).is_some()
     }
+
+    fn readable_position(&self, stream_id: u32, reader: &LogReader) -> u64 {
+        // A stream gone since the check serves nothing rather than guessing a level.
+        (self.level_of)(stream_id).map_or(0, |level| reader.positions().durable(level))
+    }
+}
+
+/// The broker's shard logs, each stream served once durable at the level
+/// its log registers for it, streams created or deleted at runtime included;
+/// a stream no log has is answered with `unknown_stream`.
+pub fn broker_logs(
+    readers: Vec<LogReader>,
+) -> ShardedLogs<impl Fn(u32) -> Option<DurabilityLevel> + Send + Sync + 'static> {
+    let catalogs = readers.clone();
+    ShardedLogs::new(readers, move |stream_id| {
+        catalogs[stream_id as usize % catalogs.len()].stream_level(stream_id)
+    })
 }
 
 /// Settings of the fetch server.
@@ -436,6 +460,11 @@ impl Connection {
     }
 
     fn reader(&mut self, stream_id: u32) -> Option<&mut LogReader> {
+        if !self.source.has_stream(stream_id) {
+            // Deleted since this connection looked it up.
+            self.readers.remove(&stream_id);
+            return None;
+        }
         if !self.readers.contains_key(&stream_id) {
             let reader = self.source.reader(stream_id)?;
             if self.readers.len() >= READERS_MAX {
@@ -767,6 +796,61 @@ mod tests {
         flusher.poll(0).unwrap();
         let (header, body) = fetch(&mut socket, &request(0, 1 << 20, 1000));
         assert_eq!(payloads_of(&header, &body).len(), 1);
+        server.shutdown();
+    }
+
+    #[test]
+    fn broker_logs_follow_streams_created_at_runtime_at_their_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open_log(dir.path());
+        let (server, mut socket) = serve(broker_logs(vec![log.reader()]));
+        let stream_5 = |from_offset| FetchRequest {
+            stream_id: 5,
+            ..request(from_offset, 1 << 20, 0)
+        };
+        // Not created yet: unknown, not an empty stream.
+        let (header, _) = fetch(&mut socket, &stream_5(0));
+        assert_eq!(header.error, Some(FetchErrorCode::UnknownStream));
+        let (header, _) = fetch(
+            &mut socket,
+            &FetchRequest {
+                stream_id: 77,
+                ..request(0, 100, 0)
+            },
+        );
+        assert_eq!(header.error, Some(FetchErrorCode::UnknownStream));
+
+        // Created at runtime at the fsync level: served only once synced.
+        log.create_stream(
+            5,
+            StreamConfig {
+                durability: kaelix_protocol::DurabilityLevel::Fsync,
+            },
+        )
+        .unwrap();
+        append(&mut log, 5, &[b"durable only after fsync"], 1);
+        append(&mut log, 1, &[b"memory level"], 1);
+        let (header, _) = fetch(&mut socket, &stream_5(0));
+        assert_eq!(
+            (header.error, header.record_count),
+            (None, 0),
+            "appended but not synced: nothing served"
+        );
+        let (header, body) = fetch(&mut socket, &request(0, 1 << 20, 0));
+        assert_eq!(payloads_of(&header, &body).len(), 1, "stream 1 is memory");
+        let mut flusher = log.flusher().unwrap();
+        flusher.poll(u64::MAX / 2).unwrap();
+        assert!(log.positions().synced >= log.positions().appended);
+        let (header, body) = fetch(&mut socket, &stream_5(0));
+        assert_eq!(
+            payloads_of(&header, &body),
+            [(0, b"durable only after fsync".to_vec())]
+        );
+
+        // Deleted: unknown again.
+        log.delete_stream(5).unwrap();
+        let (header, _) = fetch(&mut socket, &stream_5(0));
+        assert_eq!(header.error, Some(FetchErrorCode::UnknownStream));
         server.shutdown();
     }
 

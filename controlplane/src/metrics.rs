@@ -1,12 +1,20 @@
-//! Prometheus metrics: the exporter's HTTP listener and the sampler that
-//! feeds it.
+//! Prometheus metrics: the HTTP endpoint and the sampler that feeds it.
 //!
 //! The data plane keeps plain atomics ([`kaelix_dataplane::ShardCounters`])
 //! and the logs publish their positions; nothing here touches a shard's hot
 //! path. A sampler task reads them every `metrics.sample_interval_ms` and
-//! sets the exported counters and gauges; a second, faster tick (every
-//! [`DURABILITY_TICK`]) follows each log's appended and synced positions to
-//! measure how long appended data waits to become durable.
+//! sets the exported counters and gauges; per-stream counts, which the
+//! shards keep as plain integers in their flow tables, are copied by a
+//! command over each shard's bounded queue at the same interval. A second,
+//! faster tick (every [`DURABILITY_TICK`]) follows each log's appended and
+//! synced positions to measure how long appended data waits to become
+//! durable. The shards' ACK latency histograms (fixed buckets of atomics)
+//! are read at each scrape and rendered bucket for bucket.
+//!
+//! Per-stream series exist for every stream of a shard that received a
+//! frame since the broker started (so at most the registered streams; a
+//! deleted stream's counts stop moving), and per-stream rejections only for
+//! reasons that occurred.
 //!
 //! Each [`crate::server::ControlPlane`] has its own recorder (no global
 //! one), so several brokers can run in one process (tests).
@@ -20,6 +28,9 @@
 //! | `kaelix_storage_segments` | gauge | `shard` |
 //! | `kaelix_storage_sync_wait_seconds`, `kaelix_storage_write_wait_seconds` | histogram | `shard` |
 //! | `kaelix_stream_messages_appended_total` | counter | `stream`, `shard` |
+//! | `kaelix_stream_frames_appended_total`, `_bytes_appended_total`, `_duplicates_total`, `_gaps_total`, `_retransmits_seen_total` | counter | `stream`, `shard` |
+//! | `kaelix_stream_frames_rejected_total` | counter | `stream`, `shard`, `reason` |
+//! | `kaelix_ack_latency_seconds` | histogram (1 µs to 10 s) | `shard`, `level` (memory, flush, fsync) |
 //! | `kaelix_stream_stored_messages`, `kaelix_stream_first_offset` | gauge | `stream`, `shard` |
 //! | `kaelix_xdp_packets_total` | counter | `reason` (only with an XDP program) |
 //! | `kaelix_xdp_attached` | gauge | `mode`, `interface` (1 when attached) |
@@ -32,10 +43,12 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use kaelix_protocol::ErrorCode;
+use kaelix_dataplane::ShardCounters;
+use kaelix_dataplane::counters::{ACK_LATENCY_BUCKETS_NS, StreamCounts};
+use kaelix_protocol::{DurabilityLevel, ErrorCode};
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusRecorder};
 
@@ -51,10 +64,14 @@ const SECONDS_BUCKETS: &[f64] = &[
     5.0, 10.0,
 ];
 
+/// The shards whose ACK latency histograms a scrape renders (set by the sampler).
+type LatencySources = Arc<OnceLock<Vec<(u32, Arc<ShardCounters>)>>>;
+
 /// The recorder of one control plane (absent when metrics are off).
 #[derive(Clone, Default)]
 pub struct Telemetry {
     recorder: Option<Arc<PrometheusRecorder>>,
+    latency: LatencySources,
 }
 
 impl Telemetry {
@@ -65,42 +82,141 @@ impl Telemetry {
         }
     }
 
-    /// The text a scrape gets.
+    /// The text a scrape gets: the recorder's metrics, then the shards' ACK
+    /// latency histograms read from their atomics at this moment.
     pub fn render(&self) -> Option<String> {
-        self.recorder.as_ref().map(|r| r.handle().render())
+        let mut text = self.recorder.as_ref()?.handle().render();
+        if let Some(shards) = self.latency.get() {
+            render_ack_latency(&mut text, shards);
+        }
+        Some(text)
     }
 }
 
-/// Start the exporter's HTTP listener on `addr` (port 0: a free port is
-/// picked first, as the exporter does not report the port it bound).
-/// Must run inside the tokio runtime.
+/// Append `kaelix_ack_latency_seconds` (one histogram per shard and
+/// durability level) in the Prometheus text format. The shards keep
+/// fixed-bucket histograms of atomics ([`ShardCounters::ack_latency`]);
+/// they are rendered as they are, bucket for bucket.
+fn render_ack_latency(out: &mut String, shards: &[(u32, Arc<ShardCounters>)]) {
+    use std::fmt::Write;
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(
+        "# HELP kaelix_ack_latency_seconds Time from the start of the shard cycle that \
+         received a batch to its ACK being queued, once per ACK of new data, by durability level\n\
+         # TYPE kaelix_ack_latency_seconds histogram\n",
+    );
+    for (shard, counters) in shards {
+        for level in DurabilityLevel::ALL {
+            let snapshot = counters.ack_latency[level as usize].snapshot();
+            let labels = format!("shard=\"{shard}\",level=\"{}\"", level.name());
+            let mut cumulative = 0;
+            for (bound_ns, count) in ACK_LATENCY_BUCKETS_NS.iter().zip(snapshot.buckets) {
+                cumulative += count;
+                let le = *bound_ns as f64 / 1e9;
+                let _ = writeln!(
+                    out,
+                    "kaelix_ack_latency_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "kaelix_ack_latency_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                snapshot.count
+            );
+            let _ = writeln!(
+                out,
+                "kaelix_ack_latency_seconds_sum{{{labels}}} {}",
+                snapshot.sum_ns as f64 / 1e9
+            );
+            let _ = writeln!(
+                out,
+                "kaelix_ack_latency_seconds_count{{{labels}}} {}",
+                snapshot.count
+            );
+        }
+    }
+}
+
+/// Start the metrics endpoint on `addr` (port 0: a free port): every GET
+/// is answered with [`Telemetry::render`] (HTTP/1.1, one request per
+/// connection). Must run inside the tokio runtime.
 pub fn start_exporter(
     addr: SocketAddr,
 ) -> Result<(Telemetry, SocketAddr, tokio::task::JoinHandle<()>), String> {
-    let addr = if addr.port() == 0 {
-        let probe = std::net::TcpListener::bind(addr)
-            .map_err(|err| format!("metrics.addr {addr}: {err}"))?;
-        probe
-            .local_addr()
-            .map_err(|err| format!("metrics.addr {addr}: {err}"))?
-    } else {
-        addr
-    };
-    let (recorder, exporter) = PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
-        .and_then(|builder| builder.build())
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+        .and_then(tokio::net::TcpListener::from_std)
         .map_err(|err| format!("metrics.addr {addr}: {err}"))?;
-    let server = tokio::spawn(async move {
-        if let Err(err) = exporter.await {
-            tracing::error!(error = ?err, "the metrics endpoint stopped");
-        }
-    });
+    let local_addr = listener
+        .local_addr()
+        .map_err(|err| format!("metrics.addr {addr}: {err}"))?;
+    let recorder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .map_err(|err| format!("metrics.addr {addr}: {err}"))?
+        .build_recorder();
     let telemetry = Telemetry {
         recorder: Some(Arc::new(recorder)),
+        latency: LatencySources::default(),
     };
     telemetry.record(describe);
-    Ok((telemetry, addr, server))
+    let served = telemetry.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((socket, _)) => {
+                    tokio::spawn(serve_scrape(socket, served.clone()));
+                }
+                Err(err) => {
+                    // Out of descriptors and the like: back off, keep serving.
+                    tracing::warn!(error = %err, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    Ok((telemetry, local_addr, server))
+}
+
+/// Longest request head read from a scraper.
+const REQUEST_HEAD_MAX: usize = 8192;
+/// How long a scraper may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Answer one scrape: GET (any path) gets the metrics, anything else 405.
+async fn serve_scrape(mut socket: tokio::net::TcpStream, telemetry: Telemetry) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut head = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < REQUEST_HEAD_MAX {
+            let n = socket.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    })
+    .await;
+    if !matches!(read, Ok(Ok(()))) {
+        return;
+    }
+    let response = if head.starts_with(b"GET ") {
+        let body = telemetry.render().unwrap_or_default();
+        format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    } else {
+        "HTTP/1.1 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\n\
+         Connection: close\r\n\r\n"
+            .to_string()
+    };
+    let _ = socket.write_all(response.as_bytes()).await;
+    let _ = socket.shutdown().await;
 }
 
 fn describe() {
@@ -147,6 +263,30 @@ fn describe() {
     describe_counter!(
         "kaelix_stream_messages_appended_total",
         "Messages ever appended to the stream (its next offset)"
+    );
+    describe_counter!(
+        "kaelix_stream_frames_appended_total",
+        "DATA frames of the stream appended by its shard since the broker started"
+    );
+    describe_counter!(
+        "kaelix_stream_bytes_appended_total",
+        "Frame bytes (header and payload) of the stream appended since the broker started"
+    );
+    describe_counter!(
+        "kaelix_stream_duplicates_total",
+        "DATA frames of the stream dropped as duplicates"
+    );
+    describe_counter!(
+        "kaelix_stream_gaps_total",
+        "DATA frames of the stream dropped because an earlier sequence was missing"
+    );
+    describe_counter!(
+        "kaelix_stream_retransmits_seen_total",
+        "Frames of the stream that carried the RETRANSMIT flag"
+    );
+    describe_counter!(
+        "kaelix_stream_frames_rejected_total",
+        "Frames of the stream rejected, by reason (frames whose header does not parse are counted per shard only)"
     );
     describe_counter!(
         "kaelix_xdp_packets_total",
@@ -228,6 +368,13 @@ pub async fn run_sampler(
     interval: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let _ = telemetry.latency.set(
+        broker
+            .shards()
+            .iter()
+            .map(|shard| (shard.id, shard.counters.clone()))
+            .collect(),
+    );
     let mut trackers: Vec<DurabilityTracker> = broker
         .shards()
         .iter()
@@ -275,11 +422,19 @@ async fn sample(
     rates: &StreamRates,
 ) {
     let mut streams = Vec::new();
+    let mut stream_counts: Vec<(u32, u32, StreamCounts)> = Vec::new();
     for shard in broker.shards() {
         // A shard that does not answer keeps its stream metrics from the
         // last sample; everything else is still published.
         if let Ok(list) = broker.shard_streams(shard).await {
             streams.extend(list.into_iter().map(|info| (shard.id, info)));
+        }
+        if let Ok(counts) = broker.shard_stream_counts(shard).await {
+            stream_counts.extend(
+                counts
+                    .into_iter()
+                    .map(|(stream, counts)| (shard.id, stream, counts)),
+            );
         }
     }
     let now = Instant::now();
@@ -316,6 +471,9 @@ async fn sample(
                 .set(info.next_offset.saturating_sub(info.first_offset) as f64);
             gauge!("kaelix_stream_first_offset", &labels).set(info.first_offset as f64);
         }
+        for (shard, stream, counts) in &stream_counts {
+            publish_stream_counts(*shard, *stream, counts);
+        }
         if let Some(xdp) = broker.xdp() {
             gauge!("kaelix_xdp_attached", "mode" => xdp.xdp_mode.name(), "interface" => xdp.interface.clone())
                 .set(1.0);
@@ -333,6 +491,39 @@ async fn sample(
             .absolute(stats.rejected.load(Ordering::Relaxed));
         gauge!("kaelix_config_restart_pending").set(config.pending_restart().len() as f64);
     });
+}
+
+/// One stream's counts from its shard. Rejections are published per reason
+/// once the reason occurred for the stream (series = streams x reasons seen).
+fn publish_stream_counts(shard: u32, stream: u32, counts: &StreamCounts) {
+    let labels = [("stream", stream.to_string()), ("shard", shard.to_string())];
+    for (name, value) in [
+        (
+            "kaelix_stream_frames_appended_total",
+            counts.frames_appended,
+        ),
+        ("kaelix_stream_bytes_appended_total", counts.bytes_appended),
+        ("kaelix_stream_duplicates_total", counts.duplicates),
+        ("kaelix_stream_gaps_total", counts.gaps),
+        (
+            "kaelix_stream_retransmits_seen_total",
+            counts.retransmits_seen,
+        ),
+    ] {
+        counter!(name, &labels).absolute(value);
+    }
+    for code in ErrorCode::ALL {
+        let value = counts.errors[code.index()];
+        if value != 0 {
+            counter!(
+                "kaelix_stream_frames_rejected_total",
+                "stream" => stream.to_string(),
+                "shard" => shard.to_string(),
+                "reason" => code.name()
+            )
+            .absolute(value);
+        }
+    }
 }
 
 fn publish_shard(broker: &Broker, shard: &crate::broker::ShardHandle) {

@@ -4,9 +4,10 @@
 
 use std::time::Duration;
 
+use kaelix_dataplane::counters::StreamCounts;
 use kaelix_dataplane::flow::FlowTable;
 use kaelix_protocol::DurabilityLevel;
-use kaelix_storage::{ShardLog, StreamConfig, StreamError, StreamInfo};
+use kaelix_storage::{ShardLog, StreamConfig, StreamError, StreamInfo, StreamRetention};
 
 use crate::broker::{Broker, ShardHandle};
 
@@ -108,12 +109,41 @@ impl Broker {
         stream_id: u32,
         durability: DurabilityLevel,
     ) -> Result<StreamInfo, StreamOpError> {
+        self.create_stream_retained(stream_id, durability, StreamRetention::default())
+            .await
+    }
+
+    /// Create `stream_id` on its shard with its own retention (see
+    /// [`StreamRetention`]: it moves the stream's first offset forward).
+    pub async fn create_stream_retained(
+        &self,
+        stream_id: u32,
+        durability: DurabilityLevel,
+        retention: StreamRetention,
+    ) -> Result<StreamInfo, StreamOpError> {
         let shard = self.shard_of(stream_id);
         let created = call(shard, move |log, _flows| {
-            log.create_stream(stream_id, StreamConfig { durability })
+            log.create_stream_with_retention(stream_id, StreamConfig { durability }, retention)
         })
         .await?;
         Ok(created?)
+    }
+
+    /// Every stream's counts on one shard (plain integers the shard keeps in
+    /// its flow table, copied on the shard's thread), sorted by stream id.
+    pub async fn shard_stream_counts(
+        &self,
+        shard: &ShardHandle,
+    ) -> Result<Vec<(u32, StreamCounts)>, ShardCallError> {
+        call(shard, |_log, flows| {
+            let mut counts: Vec<(u32, StreamCounts)> = flows
+                .stream_counts()
+                .map(|(id, counts)| (id, *counts))
+                .collect();
+            counts.sort_by_key(|(id, _)| *id);
+            counts
+        })
+        .await
     }
 
     /// Delete `stream_id`: appends fail from now on and its flows are

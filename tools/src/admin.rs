@@ -32,6 +32,7 @@ pub struct Conn {
 #[derive(Debug, Args)]
 #[command(after_help = "Examples:
   kaelix stream create 7 --durability fsync
+  kaelix stream create 8 --retention-mib 512 --retention-age-secs 3600
   kaelix stream list
   kaelix stream describe 7 --json
   kaelix stream delete 7
@@ -55,6 +56,15 @@ enum StreamCommand {
         /// Copies in a cluster (a single-node broker takes 1 only).
         #[arg(long)]
         replication_factor: Option<u32>,
+        /// The stream's own size retention: keep at least its newest N MiB.
+        /// Its first offset moves forward (older offsets are no longer
+        /// served); the shard log's retention frees the space.
+        #[arg(long, value_name = "MIB")]
+        retention_mib: Option<u64>,
+        /// The stream's own age retention: keep at least what was appended
+        /// in the last N seconds (older offsets are no longer served).
+        #[arg(long, value_name = "SECS")]
+        retention_age_secs: Option<u64>,
     },
     /// Delete a stream (its offsets are never reused).
     Delete {
@@ -261,7 +271,23 @@ fn stream_json(info: &pb::StreamInfo) -> Value {
         "append_rate_per_sec": info.append_rate_per_sec,
         "shard_log_bytes": info.shard_log_bytes,
         "replication_factor": info.replication_factor,
+        "retention_mib": info.retention_mib,
+        "retention_age_secs": info.retention_age_secs,
     })
+}
+
+fn retention_text(mib: Option<u64>, age_secs: Option<u64>) -> String {
+    match (mib, age_secs) {
+        (None, None) => "shard log's only".into(),
+        (mib, age) => [
+            mib.map(|m| format!("{m} MiB")),
+            age.map(|a| format!("{a} s")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join(", "),
+    }
 }
 
 fn rate_text(rate: Option<f64>) -> String {
@@ -275,6 +301,8 @@ async fn stream_inner(command: StreamCommand, conn: &Conn) -> Result<(), Failure
             id,
             durability,
             replication_factor,
+            retention_mib,
+            retention_age_secs,
         } => {
             let durability = match durability {
                 DurabilityArg::Memory => pb::Durability::Memory,
@@ -286,8 +314,8 @@ async fn stream_inner(command: StreamCommand, conn: &Conn) -> Result<(), Failure
                     stream_id: id,
                     durability: durability.into(),
                     replication_factor,
-                    retention_mib: None,
-                    retention_age_secs: None,
+                    retention_mib,
+                    retention_age_secs,
                 })
                 .await
                 .map_err(|s| status_line(&format!("stream create {id}"), s))?
@@ -369,6 +397,10 @@ async fn stream_inner(command: StreamCommand, conn: &Conn) -> Result<(), Failure
                 ("append rate", rate_text(info.append_rate_per_sec)),
                 ("shard log bytes", info.shard_log_bytes.to_string()),
                 ("replication factor", info.replication_factor.to_string()),
+                (
+                    "retention",
+                    retention_text(info.retention_mib, info.retention_age_secs),
+                ),
             ] {
                 table.add_row(vec![field.to_string(), value]);
             }

@@ -6,17 +6,15 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use kaelix_controlplane::broker::Broker;
 use kaelix_controlplane::config::Config;
 use kaelix_controlplane::config::DEFAULT_CONFIG_TOML;
-use kaelix_controlplane::fetch::{FetchServerConfig, FetchServerThread, ShardedLogs};
+use kaelix_controlplane::fetch::{FetchServerConfig, FetchServerThread, broker_logs};
 use kaelix_controlplane::layers::ConfigLayers;
 use kaelix_controlplane::reload::ConfigManager;
 use kaelix_controlplane::server::ControlPlane;
-use kaelix_protocol::DurabilityLevel;
 
 /// Options of `kaelix serve`.
 #[derive(Debug, Args)]
@@ -163,28 +161,16 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 /// Serve fetches from every shard's log on `broker.fetch_addr`. A stream is
-/// served up to what is durable at its configured level (consumers never see
-/// data a crash could take back); streams created at runtime are served up to
-/// what was appended.
+/// served up to what is durable at the level its log registers for it
+/// (consumers never see data a crash could take back), streams created at
+/// runtime included; a stream the broker does not have is `unknown_stream`.
 fn start_fetch_server(broker: &Broker, config: &Config) -> anyhow::Result<FetchServerThread> {
     let readers = broker
         .shards()
         .iter()
         .map(|shard| shard.reader.clone())
         .collect();
-    let levels: HashMap<u32, DurabilityLevel> = config
-        .streams
-        .iter()
-        .map(|s| (s.id, s.durability))
-        .collect();
-    let source = ShardedLogs::new(readers, move |stream| {
-        Some(
-            levels
-                .get(&stream)
-                .copied()
-                .unwrap_or(DurabilityLevel::Memory),
-        )
-    });
+    let source = broker_logs(readers);
     let threads = 1;
     FetchServerThread::spawn(
         config.broker.fetch_addr,
