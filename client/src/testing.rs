@@ -57,6 +57,7 @@ pub struct ModelBroker {
     level: DurabilityLevel,
     reject: Vec<(Vec<u8>, ErrorCode)>,
     frames_rejected: u64,
+    overloads_left: u64,
 }
 
 impl ModelBroker {
@@ -68,6 +69,7 @@ impl ModelBroker {
             level: DurabilityLevel::Memory,
             reject: Vec::new(),
             frames_rejected: 0,
+            overloads_left: 0,
         }
     }
 
@@ -84,6 +86,13 @@ impl ModelBroker {
     /// Reject with `code` every DATA frame whose payload starts with `prefix`.
     pub fn reject_payloads(&mut self, prefix: &[u8], code: ErrorCode) {
         self.reject.push((prefix.to_vec(), code));
+    }
+
+    /// Refuse the next `frames` DATA frames that would be appended with
+    /// `overloaded`, as a broker whose storage is behind does (the frames
+    /// after a refused one in its datagram are gaps).
+    pub fn overload_next(&mut self, frames: u64) {
+        self.overloads_left = frames;
     }
 
     /// As if the broker had recovered the flow from its log: it expects
@@ -156,6 +165,12 @@ impl ModelBroker {
                         if let Some((_, code)) = rejected {
                             self.frames_rejected += 1;
                             push_error(&mut builder, &frame_key(&frame), *code);
+                            continue;
+                        }
+                        if self.overloads_left > 0 {
+                            self.overloads_left -= 1;
+                            self.frames_rejected += 1;
+                            push_error(&mut builder, &frame_key(&frame), ErrorCode::Overloaded);
                             continue;
                         }
                         flow.last_offset = Some(stream.records.len() as u64);

@@ -19,6 +19,16 @@ pub enum SinkError {
         /// What ran out.
         detail: String,
     },
+    /// Transient: the log's live memory is at its limit until the flusher
+    /// syncs more (`kaelix-storage`'s `LiveMemoryFull`); retry later.
+    /// Carries numbers only: built per rejected frame, it must not allocate.
+    #[error("storage behind: {live_bytes} bytes of live memory, limit {limit_bytes}")]
+    Overloaded {
+        /// Live memory held.
+        live_bytes: u64,
+        /// The limit.
+        limit_bytes: u64,
+    },
     /// Any other storage failure.
     #[error("storage failure: {detail}")]
     Failed {

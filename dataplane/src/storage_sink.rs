@@ -9,6 +9,14 @@ use crate::sink::{LogSink, SinkBatch, SinkError};
 fn sink_error(err: AppendError) -> SinkError {
     match err {
         AppendError::UnknownStream { stream_id } => SinkError::UnknownStream { stream_id },
+        AppendError::LiveMemoryFull {
+            live_bytes,
+            limit_bytes,
+            ..
+        } => SinkError::Overloaded {
+            live_bytes,
+            limit_bytes,
+        },
         AppendError::Roll { .. } | AppendError::BatchTooLarge { .. } => SinkError::Full {
             detail: err.to_string(),
         },

@@ -144,11 +144,15 @@ pub enum ErrorCode {
     NotLeader = 14,
     /// A frame kind the receiver does not accept in this direction.
     UnexpectedKind = 15,
+    /// Transient: the broker's storage is behind (its flusher has not synced
+    /// enough to free live memory); the frame was not appended. Retry from
+    /// this sequence after a backoff.
+    Overloaded = 16,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 16] = [
         Self::Truncated,
         Self::BadMagic,
         Self::UnsupportedVersion,
@@ -164,6 +168,7 @@ impl ErrorCode {
         Self::StorageError,
         Self::NotLeader,
         Self::UnexpectedKind,
+        Self::Overloaded,
     ];
 
     /// Decode the wire value; `None` for an unknown code.
@@ -189,6 +194,7 @@ impl ErrorCode {
             Self::StorageError => "storage_error",
             Self::NotLeader => "not_leader",
             Self::UnexpectedKind => "unexpected_kind",
+            Self::Overloaded => "overloaded",
         }
     }
 

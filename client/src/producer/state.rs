@@ -32,7 +32,10 @@
 //! duplicate ACK shows a gap at the broker (once per recovery episode). A
 //! permanent ERROR marks its message rejected; when that message reaches
 //! the head it is failed and skipped, and the producer sends a HEARTBEAT
-//! with the next sequence so the broker skips it too.
+//! with the next sequence so the broker skips it too. An `overloaded` ERROR
+//! (the broker's storage is behind) rewinds `send_next` to the refused
+//! sequence and holds DATA back for a backoff (1 ms, doubling to 100 ms per
+//! refused retry, reset once the broker takes the refused sequence).
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -48,6 +51,10 @@ use super::config::ProducerConfig;
 const OPENING_SEQUENCE: u64 = 1;
 /// `last_offset` value meaning "nothing appended yet".
 const NO_OFFSET: u64 = u64::MAX;
+/// First backoff after an `overloaded` ERROR.
+pub const OVERLOAD_BACKOFF_MIN: Duration = Duration::from_millis(1);
+/// Ceiling of the backoff after `overloaded` ERRORs.
+pub const OVERLOAD_BACKOFF_MAX: Duration = Duration::from_millis(100);
 
 /// Identifies one message sent through a producer: its stream and its
 /// position (from 1) among the messages this producer sent to that stream.
@@ -179,6 +186,9 @@ pub struct ProducerStats {
     pub timeouts: u64,
     /// ERROR frames received.
     pub errors_received: u64,
+    /// `overloaded` ERRORs received (the broker's storage was behind; the
+    /// message was sent again after a backoff).
+    pub overloads: u64,
     /// Frames received that were malformed, for another producer, or of an unexpected kind.
     pub frames_ignored: u64,
     /// ACKs or ERRORs for sequences this producer holds no message for.
@@ -257,6 +267,13 @@ struct Flow {
     level: DurabilityLevel,
     /// Send at once regardless of linger (a flush is waiting).
     flushing: bool,
+    /// No DATA goes out before this: the broker's storage was behind.
+    paused_until: Option<Instant>,
+    /// The backoff of the current overload episode (zero: none yet).
+    overload_backoff: Duration,
+    /// The lowest sequence refused as overloaded in the current episode;
+    /// the episode (and its backoff) ends when the broker acknowledges it.
+    overloaded_seq: Option<u64>,
 }
 
 impl Flow {
@@ -289,6 +306,9 @@ impl Flow {
             last_offset: NO_OFFSET,
             level: DurabilityLevel::Memory,
             flushing: false,
+            paused_until: None,
+            overload_backoff: Duration::ZERO,
+            overloaded_seq: None,
         }
     }
 
@@ -352,11 +372,15 @@ impl Flow {
             || self.skip_to.is_some()
             || config.linger.is_zero()
             || self.batch_full(config);
-        Some(if at_once {
+        let deadline = if at_once {
             queued_at
         } else {
             queued_at + config.linger
-        })
+        };
+        Some(
+            self.paused_until
+                .map_or(deadline, |until| deadline.max(until)),
+        )
     }
 
     /// Enough frames wait to fill a datagram (by frames or by bytes).
@@ -428,6 +452,7 @@ pub fn is_permanent(code: ErrorCode) -> bool {
     !matches!(
         code,
         ErrorCode::OutOfWindow
+            | ErrorCode::Overloaded
             | ErrorCode::CrcMismatch
             | ErrorCode::Truncated
             | ErrorCode::LengthMismatch
@@ -702,6 +727,15 @@ impl ProducerState {
         }
         // Progress.
         flow.broker_acked = sequence;
+        if flow
+            .overloaded_seq
+            .is_some_and(|refused| sequence >= refused)
+        {
+            // The broker took what it refused: the overload episode is over.
+            flow.overloaded_seq = None;
+            flow.overload_backoff = Duration::ZERO;
+            flow.paused_until = None;
+        }
         flow.anchor = flow.ack;
         flow.ack = (sequence, offset);
         if flow.skip_to.is_some_and(|skip| sequence + 1 >= skip) {
@@ -756,6 +790,9 @@ impl ProducerState {
         flow.timer = None;
         flow.ack = (acked, offset);
         flow.anchor = (acked, NO_OFFSET);
+        flow.paused_until = None;
+        flow.overload_backoff = Duration::ZERO;
+        flow.overloaded_seq = None;
         for slot in &mut flow.slots {
             slot.transmissions = 0;
             slot.sent_at = None;
@@ -809,6 +846,11 @@ impl ProducerState {
             self.stats.stale_replies += 1;
             return;
         }
+        if code == ErrorCode::Overloaded {
+            self.stats.overloads += 1;
+            Self::back_off(flow, now, sequence, &self.config);
+            return;
+        }
         if is_permanent(code) {
             flow.slots[(sequence - flow.base) as usize].rejected = Some((code, detail));
             self.resolve_head(index);
@@ -821,6 +863,31 @@ impl ProducerState {
                 // Wait for the next ACK's credit before sending it again.
                 flow.credit = (sequence - 1).saturating_sub(flow.broker_acked);
             }
+        }
+    }
+
+    /// The broker refused `sequence` because its storage is behind: send
+    /// again from there, after a backoff that doubles with each refused
+    /// retry. Replies to frames sent before the pause (a refusal of the same
+    /// retry, the broker's duplicate ACKs) do not extend it.
+    fn back_off(flow: &mut Flow, now: Instant, sequence: u64, config: &ProducerConfig) {
+        flow.send_next = flow.send_next.min(sequence);
+        flow.overloaded_seq = Some(flow.overloaded_seq.map_or(sequence, |s| s.min(sequence)));
+        if flow.paused_until.is_some_and(|until| now < until) {
+            return;
+        }
+        flow.overload_backoff =
+            (flow.overload_backoff * 2).clamp(OVERLOAD_BACKOFF_MIN, OVERLOAD_BACKOFF_MAX);
+        flow.paused_until = Some(now + flow.overload_backoff);
+        // Nothing is sent during the pause: the retransmission timer would
+        // only shrink the window; it is armed again by the next transmission.
+        flow.timer = None;
+        if flow.base > flow.recover {
+            // A congestion signal: shrink the window once per episode, as
+            // for a loss, and let the duplicate ACKs of the refused frames
+            // start no fast retransmit.
+            flow.on_loss(false, config);
+            flow.recover = flow.sent_high;
         }
     }
 

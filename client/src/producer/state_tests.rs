@@ -8,7 +8,9 @@ use kaelix_protocol::{Datagram, ErrorCode, FrameKind, MAX_DATAGRAM_LEN, flags};
 use proptest::prelude::*;
 
 use super::config::ProducerConfig;
-use super::state::{ProducerEvent, ProducerState, SendError, Ticket};
+use super::state::{
+    OVERLOAD_BACKOFF_MAX, OVERLOAD_BACKOFF_MIN, ProducerEvent, ProducerState, SendError, Ticket,
+};
 use crate::testing::{ModelBroker, SplitMix};
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -433,6 +435,64 @@ fn silence_triggers_timeout_retransmission_with_backoff() {
     let stats = sim.producer.stats();
     assert!(stats.timeouts >= 2, "{stats:?}");
     assert_eq!(sim.broker.records(1).len(), 2);
+}
+
+/// Run until idle; return the virtual times at which DATA frames with
+/// sequence `seq` went on the wire.
+fn run_watching(sim: &mut Sim, seq: u64, limit: Duration) -> Vec<Instant> {
+    let mut times = Vec::new();
+    while !(sim.producer.is_idle() && sim.to_producer.is_empty()) {
+        assert!(sim.now - sim.start < limit, "{:?}", sim.producer.stats());
+        let (at, seen) = (sim.now, sim.wire.len());
+        sim.step();
+        let sent = sim.wire[seen..].iter().filter(|(_, s, _)| *s == seq);
+        times.extend(sent.map(|_| at));
+    }
+    times
+}
+
+#[test]
+fn overloaded_broker_is_retried_after_a_growing_backoff_and_nothing_fails() {
+    let mut sim = opened(config(), 9);
+    let refusals = 9;
+    sim.broker.overload_next(refusals);
+    let mut sent = vec![b"open".to_vec()];
+    for i in 0..50 {
+        let payload = format!("m{i}").into_bytes();
+        sim.send(1, &payload).unwrap();
+        sent.push(payload);
+    }
+    // Sequence 2 (the first after "open") is refused `refusals` times.
+    let times = run_watching(&mut sim, 2, Duration::from_secs(5));
+    assert!(sim.failed().is_empty(), "{:?}", sim.failed());
+    assert_eq!(sim.producer.stats().overloads, refusals);
+    assert_eq!(
+        times.len() as u64,
+        refusals + 1,
+        "sent once, then once per refusal: no spinning, no timer retransmits"
+    );
+    let mut backoff = OVERLOAD_BACKOFF_MIN;
+    for pair in times.windows(2) {
+        let gap = pair[1] - pair[0];
+        // The pause starts when the refusal arrives, one round trip after the send.
+        assert!(
+            gap >= backoff && gap <= backoff + Duration::from_millis(1),
+            "retry after {gap:?}, backoff {backoff:?}"
+        );
+        backoff = (backoff * 2).min(OVERLOAD_BACKOFF_MAX);
+    }
+    // The backoff reached its ceiling and stayed there.
+    assert!(times[times.len() - 1] - times[times.len() - 2] >= OVERLOAD_BACKOFF_MAX);
+
+    // The broker took the refused sequence: the next episode starts at the minimum again.
+    sim.broker.overload_next(1);
+    sim.send(1, b"again").unwrap();
+    sent.push(b"again".to_vec());
+    let times = run_watching(&mut sim, 52, Duration::from_secs(10));
+    assert_eq!(times.len(), 2);
+    assert!(times[1] - times[0] < OVERLOAD_BACKOFF_MIN * 2, "{times:?}");
+    assert!(sim.failed().is_empty());
+    check_exactly_once(&sim, &HashMap::from([(1, sent)]));
 }
 
 #[test]
