@@ -12,8 +12,12 @@
 //! 5. when nothing happened, the idle strategy decides to spin, yield or park.
 //!
 //! Per message there is no allocation, lock, system call or log line: the
-//! clock is read once per cycle, replies are written into the backend's
-//! buffers, counters are summed locally and published per batch.
+//! clock is read once per cycle (and once more when ACKs of new data are
+//! queued, for their latency), replies are written into the backend's
+//! buffers, counters are summed locally and published per cycle. Per-stream
+//! counts live in the flow table, updated once per storage batch (and per
+//! duplicate, gap, retransmit or rejection); an entry is created the first
+//! time a stream the log knows sees a frame.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -89,6 +93,8 @@ struct Rejection {
     sequence: u64,
     code: ErrorCode,
     detail: u32,
+    /// The stream exists in the log (its per-stream error count may be created).
+    known_stream: bool,
 }
 
 /// Everything the receive path touches apart from the backend and the log,
@@ -97,6 +103,8 @@ struct Book {
     flows: FlowTable,
     window: u64,
     now_ns: u64,
+    /// Monotonic shard clock of this cycle (ns since the shard started).
+    mono_ns: u64,
     /// Flows that need their ACK state looked at (listed once each).
     dirty: Vec<FlowKey>,
     rejections: Vec<Rejection>,
@@ -106,6 +114,14 @@ struct Book {
 impl Book {
     fn reject(&mut self, rejection: Rejection) {
         self.counts.error(rejection.code);
+        let stream = if rejection.known_stream {
+            Some(self.flows.stream_counts_mut(rejection.stream_id))
+        } else {
+            self.flows.existing_stream_counts_mut(rejection.stream_id)
+        };
+        if let Some(stream) = stream {
+            stream.errors[rejection.code.index()] += 1;
+        }
         if self.rejections.len() < ERROR_REPLIES_MAX {
             self.rejections.push(rejection);
         } else {
@@ -113,7 +129,25 @@ impl Book {
         }
     }
 
+    /// Reject a frame of a stream the log may not have (counted per stream
+    /// only if the stream already has counts).
     fn reject_frame(&mut self, frame: &Frame<'_>, peer: &Peer, code: ErrorCode, detail: u32) {
+        self.reject_frame_of(frame, peer, code, detail, false);
+    }
+
+    /// Reject a frame of a stream the log has.
+    fn reject_known(&mut self, frame: &Frame<'_>, peer: &Peer, code: ErrorCode, detail: u32) {
+        self.reject_frame_of(frame, peer, code, detail, true);
+    }
+
+    fn reject_frame_of(
+        &mut self,
+        frame: &Frame<'_>,
+        peer: &Peer,
+        code: ErrorCode,
+        detail: u32,
+        known_stream: bool,
+    ) {
         self.reject(Rejection {
             peer: *peer,
             stream_id: frame.stream_id(),
@@ -121,6 +155,7 @@ impl Book {
             sequence: frame.sequence(),
             code,
             detail,
+            known_stream,
         });
     }
 
@@ -140,12 +175,13 @@ impl Book {
         let key = flow_key(frame);
         if frame.flags() & flags::RETRANSMIT != 0 {
             self.counts.retransmits_seen += 1;
+            self.flows.stream_counts_mut(key.stream_id).retransmits_seen += 1;
         }
         let flow = match self.flows.get_or_insert(key, *peer, level) {
             Ok(flow) => flow,
             Err(full) => {
                 let detail = u32::try_from(full.max_flows).unwrap_or(u32::MAX);
-                self.reject_frame(frame, peer, ErrorCode::StorageError, detail);
+                self.reject_known(frame, peer, ErrorCode::StorageError, detail);
                 return false;
             }
         };
@@ -154,16 +190,18 @@ impl Book {
         match flow.admit(frame.sequence(), self.window) {
             Admission::Append => return true,
             Admission::Duplicate => {
-                self.counts.duplicates += 1;
                 flow.ack_due = true;
+                self.counts.duplicates += 1;
+                self.flows.stream_counts_mut(key.stream_id).duplicates += 1;
             }
             Admission::Gap { .. } => {
-                self.counts.gaps += 1;
                 flow.ack_due = true;
+                self.counts.gaps += 1;
+                self.flows.stream_counts_mut(key.stream_id).gaps += 1;
             }
             Admission::OutOfWindow { limit } => {
                 let detail = u32::try_from(limit.saturating_sub(flow.acked)).unwrap_or(u32::MAX);
-                self.reject_frame(frame, peer, ErrorCode::OutOfWindow, detail);
+                self.reject_known(frame, peer, ErrorCode::OutOfWindow, detail);
                 return false;
             }
         }
@@ -220,6 +258,7 @@ impl<S: LogSink> Ingest<S> {
                         sequence: 0,
                         code: err.code(),
                         detail: err.offset() as u32,
+                        known_stream: false,
                     });
                     continue;
                 }
@@ -247,13 +286,14 @@ impl<S: LogSink> Ingest<S> {
             let mut batch = match sink.begin(key.stream_id, book.now_ns) {
                 Ok(batch) => batch,
                 Err(err) => {
-                    book.reject_frame(&frame, peer, sink_error_code(&err), 0);
+                    book.reject_known(&frame, peer, sink_error_code(&err), 0);
                     continue;
                 }
             };
             let first_sequence = frame.sequence();
             let mut last: Option<(u64, u64, u64)> = None;
             let mut current = frame;
+            let (mut frames_pushed, mut bytes_pushed) = (0u64, 0u64);
             loop {
                 match batch.push(current.as_bytes()) {
                     Ok(offset) => {
@@ -261,11 +301,11 @@ impl<S: LogSink> Ingest<S> {
                             flow.accept(current.sequence());
                         }
                         last = Some((current.sequence(), offset, current.timestamp_ns()));
-                        book.counts.frames_appended += 1;
-                        book.counts.bytes_appended += current.len() as u64;
+                        frames_pushed += 1;
+                        bytes_pushed += current.len() as u64;
                     }
                     Err(err) => {
-                        book.reject_frame(&current, peer, sink_error_code(&err), 0);
+                        book.reject_known(&current, peer, sink_error_code(&err), 0);
                         break;
                     }
                 }
@@ -286,8 +326,19 @@ impl<S: LogSink> Ingest<S> {
             };
             match batch.commit() {
                 Ok(end_position) => {
+                    book.counts.frames_appended += frames_pushed;
+                    book.counts.bytes_appended += bytes_pushed;
+                    let stream = book.flows.stream_counts_mut(key.stream_id);
+                    stream.frames_appended += frames_pushed;
+                    stream.bytes_appended += bytes_pushed;
                     if let Some(flow) = book.flows.get_mut(key) {
-                        flow.batch_committed(sequence, offset, timestamp_ns, end_position);
+                        flow.batch_committed(
+                            sequence,
+                            offset,
+                            timestamp_ns,
+                            end_position,
+                            book.mono_ns,
+                        );
                     }
                     book.mark_dirty(key);
                 }
@@ -304,6 +355,7 @@ impl<S: LogSink> Ingest<S> {
                         sequence,
                         code: sink_error_code(&err),
                         detail: 0,
+                        known_stream: true,
                     });
                 }
             }
@@ -341,6 +393,8 @@ pub struct Shard<B, S> {
     /// Flows with data waiting for durability, carried across cycles.
     waiting: Vec<FlowKey>,
     next_housekeeping: Instant,
+    /// Origin of the shard clock (`Book::mono_ns`).
+    epoch: Instant,
     /// Hot-reloadable settings, applied between cycles when their generation moves.
     tunables: Arc<ShardTunables>,
     tunables_seen: u64,
@@ -370,6 +424,7 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
                     flows,
                     window: u64::from(config.credit_window.max(1)),
                     now_ns: 0,
+                    mono_ns: 0,
                     dirty: Vec::with_capacity(config.initial_flows),
                     rejections: Vec::with_capacity(ERROR_REPLIES_MAX),
                     counts: BatchCounts::default(),
@@ -381,6 +436,7 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
             counters,
             waiting: Vec::with_capacity(config.initial_flows),
             next_housekeeping: Instant::now(),
+            epoch: Instant::now(),
             tunables: Arc::new(ShardTunables::new(config)),
             tunables_seen: 0,
         }
@@ -429,6 +485,7 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
         let shard = self.ingest.shard;
         let backend_error = |source| ShardError::Backend { shard, source };
         let now = Instant::now();
+        self.ingest.book.mono_ns = self.mono_ns(now);
         self.ingest.book.now_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64);
@@ -460,6 +517,11 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
         Ok(worked)
     }
 
+    /// The shard clock at `at`: nanoseconds since the shard started.
+    fn mono_ns(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
     fn run_commands(&mut self) -> bool {
         let mut ran = false;
         for _ in 0..COMMANDS_PER_CYCLE {
@@ -484,6 +546,9 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
         let window = u32::try_from(ingest.window).unwrap_or(u32::MAX);
         // Flows touched this cycle first, then flows still waiting from before.
         self.waiting.append(&mut ingest.dirty);
+        // Read when the first ACK of new data goes out (latency), once per cycle.
+        let mut queued_ns: Option<u64> = None;
+        let epoch = self.epoch;
         let mut index = 0;
         while index < self.waiting.len() {
             let key = self.waiting[index];
@@ -492,8 +557,8 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
                 continue;
             };
             flow.listed = false;
-            let due = flow.poll_ack(positions[flow.level as usize]);
-            if due {
+            let poll = flow.poll_ack_timed(positions[flow.level as usize]);
+            if poll.due {
                 let header_seq = flow.acked;
                 let body = AckBody::new(window, flow.level, flow.acked_offset);
                 let timestamp = flow.acked_timestamp_ns;
@@ -516,6 +581,16 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
                     .map_err(|source| ShardError::Backend { shard, source })?;
                 if sent {
                     ingest.counts.acks_sent += 1;
+                    if let Some(received_ns) = poll.received_ns {
+                        let now_ns = *queued_ns.get_or_insert_with(|| {
+                            u64::try_from(
+                                Instant::now().saturating_duration_since(epoch).as_nanos(),
+                            )
+                            .unwrap_or(u64::MAX)
+                        });
+                        ingest.counts.ack_latency[flow.level as usize]
+                            .record(now_ns.saturating_sub(received_ns));
+                    }
                 } else {
                     ingest.counts.replies_dropped += 1;
                 }
@@ -749,6 +824,12 @@ mod tests {
         let offsets: Vec<u64> = h.shard.sink().records.iter().map(|r| r.1).collect();
         assert_eq!(offsets, vec![0, 1, 2]);
         assert_eq!(h.shard.counters.frames_appended.load(Ordering::Relaxed), 3);
+        // One ACK of new data: one latency observation, at the memory level.
+        let memory = h.shard.counters.ack_latency[DurabilityLevel::Memory as usize].snapshot();
+        assert_eq!(memory.count, 1);
+        assert!(memory.sum_ns < 5_000_000_000, "{memory:?}");
+        let fsync = h.shard.counters.ack_latency[DurabilityLevel::Fsync as usize].snapshot();
+        assert_eq!(fsync.count, 0);
     }
 
     #[test]
@@ -772,6 +853,26 @@ mod tests {
         assert_eq!(seqs, vec![1, 2, 3, 4]);
         assert_eq!(h.shard.counters.duplicates.load(Ordering::Relaxed), 1);
         assert_eq!(h.shard.counters.gaps.load(Ordering::Relaxed), 1);
+        let streams: Vec<(u32, crate::counters::StreamCounts)> = h
+            .shard
+            .flows()
+            .stream_counts()
+            .map(|(id, counts)| (id, *counts))
+            .collect();
+        assert_eq!(streams.len(), 1);
+        let (id, counts) = streams[0];
+        assert_eq!(id, 1);
+        assert_eq!(
+            (counts.frames_appended, counts.duplicates, counts.gaps),
+            (4, 1, 1)
+        );
+        assert_eq!(
+            counts.bytes_appended,
+            4 * (kaelix_protocol::HEADER_LEN as u64 + 8)
+        );
+        // Only ACKs of new data are timed (the duplicate's and the gap's are not).
+        let memory = h.shard.counters.ack_latency[DurabilityLevel::Memory as usize].snapshot();
+        assert_eq!(memory.count, 2);
     }
 
     #[test]
@@ -806,6 +907,18 @@ mod tests {
         assert_eq!(h.shard.counters.error_count(ErrorCode::CrcMismatch), 1);
         assert_eq!(h.shard.counters.total_errors(), 4);
         assert!(h.shard.sink().records.is_empty());
+        // Per stream: the window error belongs to stream 1; frames of the
+        // unknown stream 9 and unparsable ones are counted per shard only.
+        let streams: Vec<(u32, crate::counters::StreamCounts)> = h
+            .shard
+            .flows()
+            .stream_counts()
+            .map(|(id, counts)| (id, *counts))
+            .collect();
+        assert_eq!(streams.len(), 1, "{streams:?}");
+        assert_eq!(streams[0].0, 1);
+        assert_eq!(streams[0].1.errors[ErrorCode::OutOfWindow.index()], 1);
+        assert_eq!(streams[0].1.errors.iter().sum::<u64>(), 1);
         // Valid traffic still flows afterwards.
         h.send(&[(1, 7, 1)]);
         assert_eq!(h.reply(), vec![(FrameKind::Ack, 1, 1, None)]);
@@ -825,8 +938,21 @@ mod tests {
             "no ack before the data is durable"
         );
         let position = h.shard.sink().position;
+        std::thread::sleep(Duration::from_millis(2));
         h.shard.ingest.sink.durable = position;
         assert_eq!(h.reply(), vec![(FrameKind::Ack, 2, 1, None)]);
+        // Timed from the receive to the ACK, at the fsync level.
+        let fsync = h.shard.counters.ack_latency[DurabilityLevel::Fsync as usize].snapshot();
+        assert_eq!(fsync.count, 1);
+        assert!(fsync.sum_ns >= 2_000_000, "{fsync:?}");
+        let over_1ms: u64 = fsync.buckets[crate::counters::ACK_LATENCY_BUCKETS_NS
+            .iter()
+            .position(|&b| b == 1_000_000)
+            .unwrap()
+            + 1..]
+            .iter()
+            .sum();
+        assert_eq!(over_1ms, 1);
     }
 
     #[test]
