@@ -378,6 +378,7 @@ impl Broker {
         log_config.retention_bytes = config.storage.retention_mib.map(|mib| mib * 1024 * 1024);
         log_config.retention_age_ns = config.storage.retention_age_secs.map(|s| s * 1_000_000_000);
         log_config.shared = config.storage.shared;
+        log_config.live_memory_max_bytes = config.storage.live_memory_max_bytes();
         let (mut log, report) =
             ShardLog::open(log_config).map_err(|source| StartError::Log { shard, source })?;
         warnings.extend(

@@ -142,6 +142,23 @@ pub struct StorageSection {
     pub retention_age_secs: Option<u64>,
     /// Let local consumers in other processes map the log (`kaelix consume --local`).
     pub shared: bool,
+    /// Live memory (hugepages or /dev/shm) of each shard's log at most, in
+    /// MiB; beyond it producers get `overloaded` until the flusher catches
+    /// up. Unset: [`LIVE_SEGMENTS_DEFAULT`] segments.
+    pub live_memory_max_mib: Option<u64>,
+}
+
+/// Segments of live memory per shard when `storage.live_memory_max_mib` is
+/// unset (1 GiB with the default 64 MiB segments).
+pub const LIVE_SEGMENTS_DEFAULT: u64 = 16;
+
+impl StorageSection {
+    /// The live memory limit of each shard's log, in bytes.
+    pub fn live_memory_max_bytes(&self) -> u64 {
+        self.live_memory_max_mib
+            .unwrap_or(LIVE_SEGMENTS_DEFAULT * self.segment_size_mib)
+            .saturating_mul(1024 * 1024)
+    }
 }
 
 impl Default for StorageSection {
@@ -152,6 +169,7 @@ impl Default for StorageSection {
             retention_mib: None,
             retention_age_secs: None,
             shared: true,
+            live_memory_max_mib: None,
         }
     }
 }
@@ -456,6 +474,19 @@ impl Config {
                 ),
             );
         }
+        // The log keeps `live_segments_max` live segments and needs one more to roll.
+        let live_segments_min = kaelix_storage::LogConfig::new("").live_segments_max as u64 + 1;
+        if let Some(live) = self.storage.live_memory_max_mib
+            && live < live_segments_min * segment
+        {
+            problem(
+                "storage.live_memory_max_mib",
+                format!(
+                    "{live} is below {} MiB ({live_segments_min} segments of storage.segment_size_mib)",
+                    live_segments_min * segment
+                ),
+            );
+        }
         if self.storage.retention_age_secs == Some(0) {
             problem(
                 "storage.retention_age_secs",
@@ -733,6 +764,7 @@ pub const KEYS: &[KeySpec] = &[
     hot("storage.retention_mib"),
     hot("storage.retention_age_secs"),
     restart("storage.shared"),
+    restart("storage.live_memory_max_mib"),
     restart("streams"),
     hot("log.level"),
     restart("log.format"),
@@ -890,6 +922,23 @@ mod tests {
                 .broker,
             BrokerSection::default()
         );
+    }
+
+    #[test]
+    fn live_memory_limit_defaults_to_sixteen_segments_and_is_checked() {
+        let config = Config::default();
+        assert_eq!(config.storage.live_memory_max_bytes(), 1 << 30);
+        let text = "[storage]\nsegment_size_mib = 8\nlive_memory_max_mib = 24\n";
+        let err = Config::from_toml(text, Path::new("bad.toml")).unwrap_err();
+        let ConfigError::Invalid { problems } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(problems.len(), 1, "{err}");
+        assert_eq!(problems[0].key, "storage.live_memory_max_mib");
+        assert!(problems[0].message.contains("below 40 MiB"), "{err}");
+        let text = "[storage]\nsegment_size_mib = 8\nlive_memory_max_mib = 40\n";
+        let config = Config::from_toml(text, Path::new("ok.toml")).unwrap();
+        assert_eq!(config.storage.live_memory_max_bytes(), 40 << 20);
     }
 
     #[test]
