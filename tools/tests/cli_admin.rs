@@ -66,6 +66,8 @@ durability = "memory"
 struct Served {
     child: Child,
     admin: String,
+    /// The TCP fetch address.
+    fetch: String,
 }
 
 impl Served {
@@ -81,18 +83,26 @@ impl Served {
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut fetch = String::new();
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { return };
+                if let Some((_, rest)) = line.split_once("(udp), fetch ") {
+                    fetch = rest.split(' ').next().unwrap().to_string();
+                }
                 if let Some(rest) = line.strip_prefix("kaelix admin ready: grpc ") {
                     let admin = rest.split(',').next().unwrap().to_string();
-                    let _ = tx.send(admin);
+                    let _ = tx.send((admin, fetch.clone()));
                 }
             }
         });
-        let admin = rx
+        let (admin, fetch) = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("kaelix serve printed its admin address");
-        Self { child, admin }
+        Self {
+            child,
+            admin,
+            fetch,
+        }
     }
 
     /// SIGTERM; the broker must stop cleanly.
@@ -213,6 +223,74 @@ fn admin_verbs_against_a_served_broker() {
     let unreachable = run(&["stream", "list", "--timeout", "2"], &admin);
     let err = assert_one_line_failure(&unreachable);
     assert!(err.contains("cannot reach the admin API"), "{err}");
+}
+
+/// One fetch of `stream_id` from offset 0 over a new connection.
+fn fetch(addr: &str, stream_id: u32) -> kaelix_protocol::FetchResponseHeader {
+    use kaelix_protocol::fetch::{FETCH_REQUEST_LEN, FETCH_RESPONSE_HEADER_LEN};
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(addr).unwrap();
+    let mut bytes = [0u8; FETCH_REQUEST_LEN];
+    kaelix_protocol::FetchRequest {
+        request_id: 7,
+        stream_id,
+        from_offset: 0,
+        max_bytes: 1 << 16,
+        max_wait_ms: 0,
+    }
+    .encode(&mut bytes);
+    socket.write_all(&bytes).unwrap();
+    let mut head = [0u8; FETCH_RESPONSE_HEADER_LEN];
+    socket.read_exact(&mut head).unwrap();
+    kaelix_protocol::FetchResponseHeader::decode(&head).unwrap()
+}
+
+#[test]
+fn a_streams_own_retention_and_runtime_streams_on_the_fetch_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = Served::start(&write_config(dir.path(), ""));
+    let admin = served.admin.clone();
+
+    let zero = run(&["stream", "create", "12", "--retention-mib", "0"], &admin);
+    let err = assert_one_line_failure(&zero);
+    assert!(
+        err.contains("InvalidArgument") && err.contains("retention_mib"),
+        "{err}"
+    );
+    let created = run(
+        &[
+            "stream",
+            "create",
+            "12",
+            "--durability",
+            "fsync",
+            "--retention-mib",
+            "64",
+            "--retention-age-secs",
+            "3600",
+            "--json",
+        ],
+        &admin,
+    );
+    assert!(created.status.success(), "{created:?}");
+    let created: serde_json::Value = serde_json::from_slice(&created.stdout).unwrap();
+    assert_eq!(created["retention_mib"], 64);
+    assert_eq!(created["retention_age_secs"], 3600);
+    let described = stdout(&run(&["stream", "describe", "12"], &admin));
+    assert!(described.contains("64 MiB, 3600 s"), "{described}");
+    let plain = stdout(&run(&["stream", "describe", "1"], &admin));
+    assert!(plain.contains("shard log's only"), "{plain}");
+
+    // The fetch port knows the stream created at runtime (empty so far) and
+    // answers unknown_stream for one that does not exist.
+    let header = fetch(&served.fetch, 12);
+    assert_eq!((header.error, header.record_count), (None, 0));
+    let header = fetch(&served.fetch, 4242);
+    assert_eq!(
+        header.error,
+        Some(kaelix_protocol::FetchErrorCode::UnknownStream)
+    );
+    served.stop();
 }
 
 #[test]
