@@ -147,10 +147,14 @@
 //! ```
 //!
 //! The stream registry holds, per stream, its durability, whether it is
-//! deleted, the first offset of its current incarnation, and a *floor*: the
-//! offsets below it are used up. It is rewritten on create and delete and
-//! before retention deletes segments, so offsets are never reused, also
-//! after retention removed all of a stream's data and after a restart.
+//! deleted, its own retention limits ([`StreamRetention`]), the first offset
+//! served (where its current incarnation starts, or later once its own
+//! retention moved it), and a *floor*: the offsets below it are used up. It
+//! is rewritten on create and delete, when a stream's retention moves its
+//! first offset and before retention deletes segments, so offsets are never
+//! reused, also after retention removed all of a stream's data and after a
+//! restart. Readers learn of creations, deletions and first offsets through
+//! a catalog the writer publishes on every registry change.
 //!
 //! ## Indexes
 //!
