@@ -162,6 +162,34 @@ impl AdminService {
         }
     }
 
+    /// `kaelix config set --cluster`: check the change here, propose it
+    /// through the Raft metadata (every member applies it as it commits),
+    /// and apply it here at once.
+    async fn cluster_config_set(
+        &self,
+        request: pb::ConfigSetRequest,
+    ) -> Result<pb::ConfigApplyResponse, Status> {
+        let Some(node) = self.state.cluster.clone() else {
+            return Err(Status::failed_precondition(
+                "cluster: this broker is not a cluster member (no [cluster] section); \
+                 leave out --cluster",
+            ));
+        };
+        let state = self.state.clone();
+        let (key, value) = (request.key.clone(), request.value.clone());
+        tokio::task::spawn_blocking(move || state.config.check_set(&key, &value))
+            .await
+            .map_err(|err| Status::internal(format!("the configuration check panicked: {err}")))?
+            .map_err(apply_status)?;
+        crate::cluster::admin::propose_config(&node, &request.key, &request.value).await?;
+        self.config_change(move |state| {
+            state
+                .config
+                .set(&state.broker, &request.key, &request.value)
+        })
+        .await
+    }
+
     /// Run a blocking configuration change off the runtime's workers.
     async fn config_change(
         &self,
@@ -189,20 +217,35 @@ impl pb::streams_server::Streams for AdminService {
             if let Some(factor) = request.replication_factor
                 && factor != 1
             {
+                let why = if self.state.cluster.is_some() {
+                    "stream data replication is not implemented yet"
+                } else {
+                    "this broker runs one node"
+                };
                 return Err(Status::failed_precondition(format!(
-                    "replication_factor: {factor} needs a cluster; this broker runs one node (allowed: 1)"
+                    "replication_factor: {factor}: {why} (allowed: 1)"
                 )));
             }
             let retention = retention_from_pb(request.retention_mib, request.retention_age_secs)?;
             let broker = &self.state.broker;
-            let info = broker
+            if let Some(node) = &self.state.cluster {
+                crate::cluster::admin::propose_stream(node, broker, request.stream_id, durability)
+                    .await?;
+            }
+            let created = broker
                 .create_stream_retained(request.stream_id, durability, retention)
-                .await
-                .map_err(stream_status)?;
+                .await;
+            if created.is_err()
+                && let Some(node) = &self.state.cluster
+            {
+                crate::cluster::admin::withdraw_stream(node, request.stream_id).await;
+            }
+            let info = created.map_err(stream_status)?;
             tracing::info!(stream = request.stream_id, durability = %durability, "stream created");
-            Ok(Response::new(
-                self.stream_to_pb(broker.shard_of(request.stream_id).id, &info),
-            ))
+            Ok(Response::new(self.stream_to_pb(
+                broker.shard_of(request.stream_id).id,
+                &info,
+            )))
         }
         .await;
         self.observe("stream_create", started, &result);
@@ -215,16 +258,22 @@ impl pb::streams_server::Streams for AdminService {
     ) -> Result<Response<pb::DeleteStreamResponse>, Status> {
         let started = Instant::now();
         let stream_id = request.into_inner().stream_id;
-        let result = self
-            .state
-            .broker
-            .delete_stream(stream_id)
-            .await
-            .map_err(stream_status)
-            .map(|()| {
-                tracing::info!(stream = stream_id, "stream deleted");
-                Response::new(pb::DeleteStreamResponse { stream_id })
-            });
+        let result = async {
+            if let Some(node) = &self.state.cluster {
+                crate::cluster::admin::check_stream_here(node, stream_id)?;
+            }
+            self.state
+                .broker
+                .delete_stream(stream_id)
+                .await
+                .map_err(stream_status)?;
+            tracing::info!(stream = stream_id, "stream deleted");
+            if let Some(node) = &self.state.cluster {
+                crate::cluster::admin::withdraw_stream(node, stream_id).await;
+            }
+            Ok(Response::new(pb::DeleteStreamResponse { stream_id }))
+        }
+        .await;
         self.observe("stream_delete", started, &result);
         result
     }
@@ -412,6 +461,11 @@ impl pb::config_server::Config for AdminService {
     ) -> Result<Response<pb::ConfigApplyResponse>, Status> {
         let started = Instant::now();
         let request = request.into_inner();
+        if request.cluster {
+            let result = self.cluster_config_set(request).await.map(Response::new);
+            self.observe("config_set", started, &result);
+            return result;
+        }
         let result = self
             .config_change(move |state| {
                 state

@@ -57,6 +57,10 @@ pub struct Config {
     /// Reloading the file when it changes.
     #[serde(default)]
     pub reload: ReloadSection,
+    /// Membership of a cluster (the metadata Raft group). Absent: the broker
+    /// runs alone, as a single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterSection>,
 }
 
 impl Default for Config {
@@ -258,6 +262,53 @@ impl Default for ReloadSection {
             watch: true,
             debounce_ms: 200,
         }
+    }
+}
+
+/// `[cluster]`: this broker as a member of the metadata Raft group
+/// (`kaelix cluster init|join|leave|status`; see docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// This node's id: unique in the cluster, never reused (1 or more).
+    pub node_id: u64,
+    /// TCP address of the cluster gRPC server (Raft between brokers).
+    pub addr: SocketAddr,
+    /// `host:port` the other members use to reach `addr`. Unset: the bound
+    /// address (which must then not be a wildcard like 0.0.0.0).
+    pub advertise_addr: Option<String>,
+    /// Directory of the Raft log, vote and snapshots. Unset:
+    /// `broker.data_dir`/cluster (one of the two must be set: a temporary
+    /// directory would forget the node's votes).
+    pub data_dir: Option<PathBuf>,
+    /// Leader heartbeat interval in milliseconds.
+    pub heartbeat_ms: u64,
+    /// Election timeout range in milliseconds (each term draws a value in it).
+    pub election_timeout_min_ms: u64,
+    /// Upper end of the election timeout range.
+    pub election_timeout_max_ms: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            node_id: 0,
+            addr: "127.0.0.1:7004".parse().expect("valid literal"),
+            advertise_addr: None,
+            data_dir: None,
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+        }
+    }
+}
+
+impl ClusterSection {
+    /// Where the Raft files live (`data_dir`, else `broker_data_dir`/cluster).
+    pub fn raft_dir(&self, broker_data_dir: Option<&Path>) -> Option<PathBuf> {
+        self.data_dir
+            .clone()
+            .or_else(|| broker_data_dir.map(|dir| dir.join("cluster")))
     }
 }
 
@@ -541,6 +592,10 @@ impl Config {
         if self.metrics.enabled {
             ports.push(("metrics.addr", self.metrics.addr));
         }
+        if let Some(cluster) = &self.cluster {
+            ports.push(("cluster.addr", cluster.addr));
+            self.validate_cluster(cluster, &mut problem);
+        }
         for (index, (key, addr)) in ports.iter().enumerate() {
             if addr.port() == 0 {
                 continue;
@@ -562,6 +617,73 @@ impl Config {
             Ok(())
         } else {
             Err(ConfigError::Invalid { problems })
+        }
+    }
+
+    fn validate_cluster(&self, cluster: &ClusterSection, problem: &mut impl FnMut(&str, String)) {
+        if cluster.node_id == 0 {
+            problem(
+                "cluster.node_id",
+                "0 is not a node id; set a number unique in the cluster (allowed: 1 or more)"
+                    .into(),
+            );
+        }
+        match &cluster.advertise_addr {
+            Some(addr) => {
+                let valid = addr.rsplit_once(':').is_some_and(|(host, port)| {
+                    !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+                });
+                if !valid {
+                    problem(
+                        "cluster.advertise_addr",
+                        format!("{addr:?} is not HOST:PORT with a port from 1 to 65535"),
+                    );
+                }
+            }
+            None if cluster.addr.ip().is_unspecified() => problem(
+                "cluster.addr",
+                format!(
+                    "{} is a wildcard address the other members cannot dial: set \
+                     cluster.advertise_addr (HOST:PORT they can reach)",
+                    cluster.addr
+                ),
+            ),
+            None => {}
+        }
+        if cluster.raft_dir(self.broker.data_dir.as_deref()).is_none() {
+            problem(
+                "cluster.data_dir",
+                "unset, and broker.data_dir is unset too: the Raft log needs a directory that \
+                 outlives the process (set either)"
+                    .into(),
+            );
+        }
+        let heartbeat = cluster.heartbeat_ms;
+        if !(1..=10_000).contains(&heartbeat) {
+            problem(
+                "cluster.heartbeat_ms",
+                format!("{heartbeat} is out of range (allowed: 1 to 10000)"),
+            );
+        }
+        let (min, max) = (
+            cluster.election_timeout_min_ms,
+            cluster.election_timeout_max_ms,
+        );
+        if !(10..=60_000).contains(&min) || min <= heartbeat {
+            problem(
+                "cluster.election_timeout_min_ms",
+                format!(
+                    "{min} is not allowed (10 to 60000, and above cluster.heartbeat_ms = {heartbeat})"
+                ),
+            );
+        }
+        if max <= min || max > 120_000 {
+            problem(
+                "cluster.election_timeout_max_ms",
+                format!(
+                    "{max} is not allowed (above cluster.election_timeout_min_ms = {min}, at most 120000)"
+                ),
+            );
         }
     }
 
@@ -774,6 +896,13 @@ pub const KEYS: &[KeySpec] = &[
     restart("metrics.sample_interval_ms"),
     restart("reload.watch"),
     restart("reload.debounce_ms"),
+    restart("cluster.node_id"),
+    restart("cluster.addr"),
+    restart("cluster.advertise_addr"),
+    restart("cluster.data_dir"),
+    restart("cluster.heartbeat_ms"),
+    restart("cluster.election_timeout_min_ms"),
+    restart("cluster.election_timeout_max_ms"),
 ];
 
 /// The listed spec of `key` or of the key holding it
@@ -1001,6 +1130,7 @@ mod tests {
             admin: AdminSection::default(),
             metrics: MetricsSection::default(),
             reload: ReloadSection::default(),
+            cluster: None,
         };
         assert_eq!(diff(&from_rust, &from_file), vec![]);
         assert_eq!(from_rust, from_file);
@@ -1078,6 +1208,70 @@ mod tests {
                 .map(|c| (c.old.as_str(), c.new.as_str())),
             Some(("", "1024"))
         );
+    }
+
+    #[test]
+    fn cluster_section_is_optional_defaulted_and_validated() {
+        assert_eq!(Config::default().cluster, None);
+        let config = Config::from_toml(
+            "[broker]\ndata_dir = \"/var/lib/kaelix\"\n[cluster]\nnode_id = 3\n",
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        let cluster = config.cluster.clone().unwrap();
+        assert_eq!(cluster.node_id, 3);
+        assert_eq!(cluster.heartbeat_ms, 50);
+        assert_eq!(
+            (
+                cluster.election_timeout_min_ms,
+                cluster.election_timeout_max_ms
+            ),
+            (150, 300)
+        );
+        assert_eq!(
+            cluster.raft_dir(config.broker.data_dir.as_deref()),
+            Some(PathBuf::from("/var/lib/kaelix/cluster"))
+        );
+        assert_eq!(apply_of("cluster.node_id"), Apply::Restart);
+        let text = r#"
+            [admin]
+            addr = "0.0.0.0:7004"
+            [cluster]
+            node_id = 0
+            addr = "0.0.0.0:7004"
+            heartbeat_ms = 200
+            election_timeout_min_ms = 100
+            election_timeout_max_ms = 100
+        "#;
+        let err = Config::from_toml(text, Path::new("x.toml")).unwrap_err();
+        let ConfigError::Invalid { problems } = &err else {
+            panic!("{err}")
+        };
+        let mut keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![
+                "cluster.addr",
+                "cluster.addr",
+                "cluster.data_dir",
+                "cluster.election_timeout_max_ms",
+                "cluster.election_timeout_min_ms",
+                "cluster.node_id",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("advertise_addr"), "{err}");
+        assert!(
+            err.to_string().contains("already used by admin.addr"),
+            "{err}"
+        );
+        let err = Config::from_toml(
+            "[cluster]\nnode_id = 1\ndata_dir = \"/x\"\nadvertise_addr = \"nohost\"\n",
+            Path::new("x.toml"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("cluster.advertise_addr"), "{err}");
     }
 
     #[test]

@@ -140,6 +140,26 @@ impl ConfigManager {
     /// stops, above the file, the environment and the flags.
     /// Blocking: call it off the async runtime.
     pub fn set(&self, broker: &Broker, key: &str, value: &str) -> Result<ApplyOutcome, ApplyError> {
+        self.check_key(key)?;
+        let mut layers = lock(&self.layers);
+        let mut candidate = layers.clone();
+        candidate.set_admin(key, parse_value(value));
+        self.change(broker, &mut layers, candidate)
+    }
+
+    /// What [`ConfigManager::set`] would say about `key = value`, without
+    /// applying anything (a cluster-wide change is checked before it is
+    /// proposed to the other members).
+    pub fn check_set(&self, key: &str, value: &str) -> Result<(), ApplyError> {
+        self.check_key(key)?;
+        let mut candidate = lock(&self.layers).clone();
+        candidate.set_admin(key, parse_value(value));
+        candidate.resolve()?;
+        Ok(())
+    }
+
+    /// A key `set` takes: known and hot.
+    fn check_key(&self, key: &str) -> Result<(), ApplyError> {
         let known = key_spec(key).is_some()
             || crate::config::flatten(&self.current().config).contains_key(key);
         if !known {
@@ -152,10 +172,7 @@ impl ConfigManager {
                 key: key.to_string(),
             });
         }
-        let mut layers = lock(&self.layers);
-        let mut candidate = layers.clone();
-        candidate.set_admin(key, parse_value(value));
-        self.change(broker, &mut layers, candidate)
+        Ok(())
     }
 
     /// Validate `candidate`, apply its hot keys, record what waits for a

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::admin::AdminService;
 use crate::broker::Broker;
+use crate::cluster::ClusterNode;
 use crate::metrics::{StreamRates, Telemetry};
 use crate::pb;
 use crate::reload::ConfigManager;
@@ -29,6 +30,8 @@ pub struct ControlState {
     pub rates: StreamRates,
     /// When the control plane started.
     pub started: Instant,
+    /// This broker's member of the metadata Raft group, when `[cluster]` is configured.
+    pub cluster: Option<Arc<ClusterNode>>,
 }
 
 /// Why the control plane could not start.
@@ -83,6 +86,19 @@ impl ControlPlane {
         broker: Broker,
         config: ConfigManager,
     ) -> Result<Self, Box<(ControlError, Broker)>> {
+        Self::start_clustered(broker, config, None).await
+    }
+
+    /// [`ControlPlane::start`] for a broker that is a cluster member: the
+    /// admin server also serves the cluster RPCs (so `kaelix cluster` reaches
+    /// it at `admin.addr`), streams are created through the Raft metadata,
+    /// and cluster-wide configuration entries are applied here as they
+    /// commit. The node is not shut down with the control plane.
+    pub async fn start_clustered(
+        broker: Broker,
+        config: ConfigManager,
+        cluster: Option<Arc<ClusterNode>>,
+    ) -> Result<Self, Box<(ControlError, Broker)>> {
         let settings = config.current().config.clone();
         let (stop, stop_rx) = watch::channel(false);
         let (telemetry, metrics_addr, exporter) = if settings.metrics.enabled {
@@ -117,6 +133,7 @@ impl ControlPlane {
             telemetry,
             rates: StreamRates::default(),
             started: Instant::now(),
+            cluster: cluster.clone(),
         });
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(crate::metrics::run_sampler(
@@ -127,6 +144,14 @@ impl ControlPlane {
             Duration::from_millis(settings.metrics.sample_interval_ms),
             stop_rx.clone(),
         )));
+        if let Some(node) = &cluster {
+            tasks.push(tokio::spawn(crate::cluster::apply::run(
+                state.clone(),
+                node.clone(),
+                stop_rx.clone(),
+            )));
+        }
+        let cluster_service = cluster.as_ref().map(|node| node.service());
         let service = AdminService::new(state.clone());
         let mut shutdown = stop_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -134,6 +159,7 @@ impl ControlPlane {
                 .add_service(pb::streams_server::StreamsServer::new(service.clone()))
                 .add_service(pb::broker_server::BrokerServer::new(service.clone()))
                 .add_service(pb::config_server::ConfigServer::new(service))
+                .add_optional_service(cluster_service)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     async move {

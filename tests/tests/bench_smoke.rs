@@ -11,28 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use kaelix_tests::kaelix_bin;
 use serde_json::Value;
-
-/// The `kaelix` binary next to this test's directory (cargo builds it for
-/// kaelix-tools' own integration tests); built here when it is missing.
-fn kaelix_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("tests run from <target>/<profile>/deps");
-    let bin = profile_dir.join("kaelix");
-    if !bin.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "kaelix-tools", "--bin", "kaelix"])
-            .status()
-            .expect("running cargo build");
-        assert!(status.success(), "building kaelix failed");
-    }
-    assert!(bin.exists(), "no kaelix binary at {}", bin.display());
-    bin
-}
 
 fn free_tcp_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -99,21 +79,8 @@ impl Broker {
 }
 
 impl Drop for Broker {
-    /// SIGTERM, so the broker closes its logs and removes its live segment
-    /// files; SIGKILL only if it has not exited 20 s later.
     fn drop(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if !matches!(self.child.try_wait(), Ok(None)) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kaelix_tests::stop_child(&mut self.child, Duration::from_secs(20));
     }
 }
 

@@ -168,6 +168,7 @@ async fn streams_broker_status_and_config_over_grpc() {
         .set(pb::ConfigSetRequest {
             key: "dataplane.shard.credit_window".into(),
             value: "512".into(),
+            cluster: false,
         })
         .await
         .unwrap()
@@ -197,6 +198,7 @@ async fn streams_broker_status_and_config_over_grpc() {
         .set(pb::ConfigSetRequest {
             key: "broker.shards".into(),
             value: "4".into(),
+            cluster: false,
         })
         .await
         .unwrap_err();
@@ -207,6 +209,7 @@ async fn streams_broker_status_and_config_over_grpc() {
         .set(pb::ConfigSetRequest {
             key: "dataplane.shard.credit_window".into(),
             value: "0".into(),
+            cluster: false,
         })
         .await
         .unwrap_err();
@@ -227,6 +230,7 @@ async fn streams_broker_status_and_config_over_grpc() {
         .set(pb::ConfigSetRequest {
             key: "storage.nope".into(),
             value: "1".into(),
+            cluster: false,
         })
         .await
         .unwrap_err();
@@ -361,6 +365,7 @@ async fn a_credit_window_change_reaches_the_shard_loop() {
         .set(pb::ConfigSetRequest {
             key: "dataplane.shard.credit_window".into(),
             value: "2".into(),
+            cluster: false,
         })
         .await
         .unwrap();

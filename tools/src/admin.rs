@@ -19,13 +19,13 @@ use tonic::transport::Channel;
 pub struct Conn {
     /// Admin API address (the broker's `admin.addr`).
     #[arg(long, env = "KAELIX_ADMIN", default_value = kaelix_controlplane::pb::DEFAULT_ADMIN_ADDR, global = true)]
-    admin: String,
+    pub(crate) admin: String,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
-    json: bool,
+    pub(crate) json: bool,
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 10, value_name = "SECS", global = true)]
-    timeout: u64,
+    pub(crate) timeout: u64,
 }
 
 /// `kaelix stream`.
@@ -113,6 +113,7 @@ enum BrokerCommand {
   kaelix config get storage             the keys under [storage]
   kaelix config set log.level debug     hot keys only; kept until the broker stops
   kaelix config set storage.retention_mib 4096
+  kaelix config set log.level debug --cluster   on every member of the cluster
   kaelix config reload                  re-read the file (as on SIGHUP)
   kaelix config check broker.toml       validate a file; starts nothing")]
 pub struct ConfigArgs {
@@ -135,6 +136,10 @@ enum ConfigCommand {
         key: String,
         /// TOML value (`4096`, `true`, `"debug"`); a bare word is a string.
         value: String,
+        /// Set it on every cluster member, through the Raft metadata (each
+        /// member applies it as it commits; members restarted later take it back).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Re-read the configuration file and apply what changed.
     Reload,
@@ -150,7 +155,7 @@ enum ConfigCommand {
 }
 
 /// A failure, printed as one line.
-struct Failure(String);
+pub(crate) struct Failure(pub(crate) String);
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(err: E) -> Self {
@@ -159,14 +164,14 @@ impl<E: std::fmt::Display> From<E> for Failure {
 }
 
 /// A multi-line message (a list of configuration problems) on one line.
-fn one_line(message: &str) -> String {
+pub(crate) fn one_line(message: &str) -> String {
     message
         .replace(":\n  - ", ": ")
         .replace("\n  - ", "; ")
         .replace('\n', "; ")
 }
 
-fn status_line(context: &str, status: tonic::Status) -> Failure {
+pub(crate) fn status_line(context: &str, status: tonic::Status) -> Failure {
     let message = one_line(status.message());
     Failure(format!("{context}: {message} ({:?})", status.code()))
 }
@@ -189,7 +194,7 @@ pub fn config(args: ConfigArgs) -> anyhow::Result<()> {
     finish(block_on(&args.conn, config_inner(args.command, &args.conn)))
 }
 
-fn finish(result: Result<(), Failure>) -> anyhow::Result<()> {
+pub(crate) fn finish(result: Result<(), Failure>) -> anyhow::Result<()> {
     match result {
         Ok(()) => Ok(()),
         Err(Failure(message)) => {
@@ -199,7 +204,7 @@ fn finish(result: Result<(), Failure>) -> anyhow::Result<()> {
     }
 }
 
-fn block_on<F: std::future::Future<Output = Result<(), Failure>>>(
+pub(crate) fn block_on<F: std::future::Future<Output = Result<(), Failure>>>(
     conn: &Conn,
     future: F,
 ) -> Result<(), Failure> {
@@ -219,7 +224,7 @@ fn block_on<F: std::future::Future<Output = Result<(), Failure>>>(
     })
 }
 
-async fn channel(conn: &Conn) -> Result<Channel, Failure> {
+pub(crate) async fn channel(conn: &Conn) -> Result<Channel, Failure> {
     let uri = if conn.admin.contains("://") {
         conn.admin.clone()
     } else {
@@ -237,14 +242,14 @@ async fn channel(conn: &Conn) -> Result<Channel, Failure> {
     })
 }
 
-fn print_json(value: &Value) {
+pub(crate) fn print_json(value: &Value) {
     println!(
         "{}",
         serde_json::to_string_pretty(value).expect("a JSON value always serializes")
     );
 }
 
-fn new_table(header: &[&str]) -> Table {
+pub(crate) fn new_table(header: &[&str]) -> Table {
     let mut table = Table::new();
     table.load_style(presets::NOTHING);
     table.set_header(header.iter().map(|h| h.to_ascii_uppercase()));
@@ -598,11 +603,16 @@ async fn config_inner(command: ConfigCommand, conn: &Conn) -> Result<(), Failure
             }
             println!("{table}");
         }
-        ConfigCommand::Set { key, value } => {
+        ConfigCommand::Set {
+            key,
+            value,
+            cluster,
+        } => {
             let response = client
                 .set(pb::ConfigSetRequest {
                     key: key.clone(),
                     value,
+                    cluster,
                 })
                 .await
                 .map_err(|s| status_line(&format!("config set {key}"), s))?

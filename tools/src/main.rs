@@ -10,6 +10,7 @@ use kaelix_protocol::{Datagram, DatagramBuilder, MAX_DATAGRAM_LEN};
 
 mod admin;
 mod bench;
+mod cluster;
 mod serve;
 
 mod consume;
@@ -55,6 +56,8 @@ enum Command {
     Broker(admin::BrokerArgs),
     /// Get, set, reload or check the configuration.
     Config(admin::ConfigArgs),
+    /// Form and inspect a cluster of brokers: init, join, leave, status.
+    Cluster(cluster::ClusterArgs),
     /// Producer load against a running broker: throughput and produce->ack latency.
     ///
     /// Examples:
@@ -81,6 +84,7 @@ fn main() -> anyhow::Result<()> {
         Command::Stream(args) => admin::stream(args),
         Command::Broker(args) => admin::broker(args),
         Command::Config(args) => admin::config(args),
+        Command::Cluster(args) => cluster::run(args),
         Command::Bench(args) => bench::run(args),
         Command::ProtocolDemo { frames } => protocol_demo(frames),
     }

@@ -127,16 +127,27 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the control plane runtime")?;
     let broker = runtime.block_on(async move {
-        let manager = ConfigManager::new(layers, resolved);
-        let mut control = match ControlPlane::start(broker, manager).await {
-            Ok(control) => control,
-            Err(failed) => {
-                let (error, broker) = *failed;
-                // Stop the shards cleanly before reporting.
+        let cluster = match crate::cluster::start_node(&config, &broker).await {
+            Ok(cluster) => cluster,
+            Err(error) => {
                 let _ = broker.shutdown();
-                return Err(anyhow::Error::new(error).context("starting the control plane"));
+                return Err(error);
             }
         };
+        let manager = ConfigManager::new(layers, resolved);
+        let mut control =
+            match ControlPlane::start_clustered(broker, manager, cluster.clone()).await {
+                Ok(control) => control,
+                Err(failed) => {
+                    let (error, broker) = *failed;
+                    if let Some(node) = &cluster {
+                        node.shutdown().await;
+                    }
+                    // Stop the shards cleanly before reporting.
+                    let _ = broker.shutdown();
+                    return Err(anyhow::Error::new(error).context("starting the control plane"));
+                }
+            };
         control
             .reload_on_sighup()
             .context("installing the SIGHUP handler")?;
@@ -149,7 +160,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
         wait_for_stop().await?;
         tracing::info!("stopping: flushing and syncing the logs");
-        Ok::<_, anyhow::Error>(control.shutdown().await)
+        let broker = control.shutdown().await;
+        if let Some(node) = cluster {
+            node.shutdown().await;
+        }
+        Ok::<_, anyhow::Error>(broker)
     })?;
     drop(runtime);
     // --- end control plane ---

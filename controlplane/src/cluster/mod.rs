@@ -15,9 +15,18 @@
 //! - [`node::ClusterNode`]: start a node, initialize, join and leave, propose,
 //!   status.
 //!
-//! Not here yet: stream data replication, the `replicated` durability level and
-//! data failover; the `kaelix cluster` CLI.
+//! - `admin` (crate-private): stream creation and cluster-wide configuration
+//!   through the Raft metadata, for the admin API of a cluster member.
+//! - `apply` (crate-private): puts committed cluster-wide configuration
+//!   entries into force on the local broker.
+//!
+//! A broker with a `[cluster]` section starts a node in `kaelix serve`; its
+//! admin API serves the same RPCs (the `kaelix cluster` CLI uses them).
+//! Not here yet: stream data replication, the `replicated` durability level
+//! and data failover.
 
+pub(crate) mod admin;
+pub(crate) mod apply;
 pub mod log_store;
 pub mod metadata;
 pub mod network;

@@ -25,8 +25,8 @@ use super::node::{self, Local, ProposeError};
 use super::pb::cluster_raft_client::ClusterRaftClient;
 use super::pb::cluster_raft_server::ClusterRaft;
 use super::pb::{
-    InitRequest, JoinRequest, LeaveRequest, Member, MembershipReply, RaftMessage, SnapshotChunk,
-    StatusReply, StatusRequest,
+    ClusterStream, InitRequest, JoinRequest, LeaveRequest, Member, MembershipReply, RaftMessage,
+    SnapshotChunk, StatusReply, StatusRequest,
 };
 use super::{MemberAddr, NodeId, Raft, TypeConfig};
 
@@ -259,6 +259,18 @@ impl ClusterRaft for RaftService {
                 lag: f.lag,
             })
             .collect();
+        let metadata = self.local.state_machine.metadata();
+        let streams = metadata
+            .streams
+            .values()
+            .map(|stream| ClusterStream {
+                stream_id: stream.stream_id,
+                durability: stream.durability.clone(),
+                replication_factor: stream.replication_factor,
+                replicas: stream.replicas.clone(),
+                leader: stream.leader,
+            })
+            .collect();
         Ok(Response::new(StatusReply {
             id: s.id,
             state: s.state,
@@ -268,6 +280,10 @@ impl ClusterRaft for RaftService {
             applied_index: s.applied_index,
             members,
             followers,
+            raft_addr: self.local.addr.raft_addr.clone(),
+            data_addr: self.local.addr.data_addr.clone(),
+            streams,
+            config: metadata.config.into_iter().collect(),
         }))
     }
 

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
@@ -30,6 +30,8 @@ pub struct ClusterNodeConfig {
     pub id: NodeId,
     /// Address the cluster gRPC server binds (port 0 picks a free port).
     pub raft_bind: SocketAddr,
+    /// `host:port` the other members dial; `None`: the bound address.
+    pub advertise_addr: Option<String>,
     /// This node's data-plane address, published to the cluster.
     pub data_addr: String,
     /// Directory for the Raft log, vote and snapshots.
@@ -55,6 +57,7 @@ impl ClusterNodeConfig {
         Self {
             id,
             raft_bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise_addr: None,
             data_addr: String::new(),
             dir: dir.into(),
             heartbeat_ms: 50,
@@ -162,6 +165,10 @@ where
 pub(crate) struct Local {
     pub(crate) id: NodeId,
     pub(crate) raft: Raft,
+    /// This node's published addresses.
+    pub(crate) addr: MemberAddr,
+    /// The applied metadata (streams and config for `Status`).
+    pub(crate) state_machine: StateMachineStore,
 }
 
 impl Local {
@@ -311,8 +318,8 @@ pub struct ClusterNode {
     state_machine: StateMachineStore,
     local: Arc<Local>,
     addr: MemberAddr,
-    server_stop: Option<oneshot::Sender<()>>,
-    server: JoinHandle<()>,
+    server_stop: Mutex<Option<oneshot::Sender<()>>>,
+    server: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl ClusterNode {
@@ -351,9 +358,18 @@ impl ClusterNode {
         )
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
+        let addr = MemberAddr {
+            raft_addr: config
+                .advertise_addr
+                .clone()
+                .unwrap_or_else(|| bound.to_string()),
+            data_addr: config.data_addr.clone(),
+        };
         let local = Arc::new(Local {
             id: config.id,
             raft: raft.clone(),
+            addr: addr.clone(),
+            state_machine: state_machine.clone(),
         });
         let service = ClusterRaftServer::new(RaftService::new(local.clone()))
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
@@ -377,12 +393,9 @@ impl ClusterNode {
             raft,
             state_machine,
             local,
-            addr: MemberAddr {
-                raft_addr: bound.to_string(),
-                data_addr: config.data_addr,
-            },
-            server_stop: Some(stop_tx),
-            server,
+            addr,
+            server_stop: Mutex::new(Some(stop_tx)),
+            server: Mutex::new(Some(server)),
         })
     }
 
@@ -391,9 +404,19 @@ impl ClusterNode {
         self.id
     }
 
-    /// This node's published addresses (the bound cluster address).
+    /// This node's published addresses (the advertised cluster address,
+    /// else the bound one).
     pub fn addr(&self) -> &MemberAddr {
         &self.addr
+    }
+
+    /// The cluster RPCs (Raft, forwarding and the admin calls of `kaelix
+    /// cluster`) as a service to add to another gRPC server, such as the
+    /// broker's admin API.
+    pub fn service(&self) -> ClusterRaftServer<RaftService> {
+        ClusterRaftServer::new(RaftService::new(self.local.clone()))
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX)
     }
 
     /// The openraft handle, for what this API does not cover.
@@ -484,23 +507,36 @@ impl ClusterNode {
     }
 
     /// Stop Raft and the cluster server. The files stay for a restart.
-    pub async fn shutdown(mut self) {
+    /// A second call does nothing.
+    pub async fn shutdown(&self) {
+        let stop = lock(&self.server_stop).take();
+        let server = lock(&self.server).take();
+        let Some(mut server) = server else {
+            return;
+        };
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(node = self.id, error = %e, "raft shutdown");
         }
-        if let Some(stop) = self.server_stop.take() {
+        if let Some(stop) = stop {
             let _ = stop.send(());
         }
         // Graceful shutdown waits for open HTTP/2 connections; peers keep
         // theirs open, so give it a moment, then drop the server.
-        if tokio::time::timeout(Duration::from_millis(200), &mut self.server)
+        if tokio::time::timeout(Duration::from_millis(200), &mut server)
             .await
             .is_err()
         {
-            self.server.abort();
-            let _ = (&mut self.server).await;
+            server.abort();
+            let _ = server.await;
         }
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each guarded value is taken whole, so it is consistent after a panic.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn state_name(state: ServerState) -> &'static str {
