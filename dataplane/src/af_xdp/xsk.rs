@@ -4,10 +4,16 @@
 //! makes the `unsafe` calls into xsk-rs sound):
 //!
 //! ```text
-//!  fill ring + RX ring + in recv_batch   = fill_ring frames (constant; the fill
-//!                                          ring always has room to take them back)
+//!  fill ring + RX ring + to_refill       = fill_ring frames (constant)
 //!  tx_free + tx_pending + TX ring + completion ring = frames - fill_ring
 //! ```
+//!
+//! Received frames go back to the fill ring at the end of each `recv_batch`.
+//! The ring can look full then although the kernel has taken those frames
+//! out of it: the kernel publishes the fill ring's consumer index lazily (on
+//! its next peek), so a frame can reach the RX ring before the fill ring
+//! shows its slot free. What does not fit waits in `to_refill` (capacity
+//! `fill_ring`, so it never grows) and goes back on a later call.
 
 use std::io;
 use std::num::NonZeroU32;
@@ -131,6 +137,10 @@ pub struct AfXdpBackend {
     hugepages: bool,
     /// Received descriptors of the current batch (`batch_size` long).
     rx_descs: Vec<FrameDesc>,
+    /// Received frames done with that the fill ring had no room for yet.
+    to_refill: Vec<FrameDesc>,
+    /// Times the fill ring could not take every received frame back at once.
+    refill_deferred: u64,
     /// Transmit frames nobody is using.
     tx_free: Vec<FrameDesc>,
     /// Transmit frames written by `queue_tx`, not yet on the TX ring.
@@ -497,6 +507,8 @@ impl AfXdpBackend {
             zero_copy,
             hugepages,
             rx_descs: vec![FrameDesc::default(); batch],
+            to_refill: Vec::with_capacity(fill_frames),
+            refill_deferred: 0,
             tx_pending: Vec::with_capacity(tx_free.len()),
             tx_free,
             tx_in_flight: 0,
@@ -515,6 +527,12 @@ impl AfXdpBackend {
     /// Whether the socket is zero-copy.
     pub fn zero_copy(&self) -> bool {
         self.zero_copy
+    }
+
+    /// Times received frames had to wait for room on the fill ring (see the
+    /// module docs); they went back on a later call.
+    pub fn refill_deferred(&self) -> u64 {
+        self.refill_deferred
     }
 
     /// Whether the UMEM is on hugepages.
@@ -545,6 +563,32 @@ impl AfXdpBackend {
             rx_invalid_descs: stats.rx_invalid_descs(),
             tx_invalid_descs: stats.tx_invalid_descs(),
         })
+    }
+
+    /// Put received frames back on the fill ring, as many as it has room for.
+    fn refill(&mut self) {
+        let waiting = self.to_refill.len();
+        if waiting == 0 {
+            return;
+        }
+        let room = (self
+            .fill
+            .nb_free(u32::try_from(waiting).unwrap_or(u32::MAX)) as usize)
+            .min(waiting);
+        if room == 0 {
+            self.refill_deferred += 1;
+            return;
+        }
+        let keep = waiting - room;
+        // SAFETY: the frames in `to_refill` are UMEM frames the kernel handed
+        // us on the RX ring and that nothing uses any more; `room` slots are
+        // free, so all of them are produced and none stays referenced here.
+        let produced = unsafe { self.fill.produce(&self.to_refill[keep..]) };
+        debug_assert_eq!(produced, room, "nb_free promised the room");
+        self.to_refill.truncate(waiting - produced);
+        if keep > 0 {
+            self.refill_deferred += 1;
+        }
     }
 
     /// Move completed transmit frames back to the free list.
@@ -583,6 +627,9 @@ impl Backend for AfXdpBackend {
         &mut self,
         on_packet: &mut dyn FnMut(&[u8], &Peer),
     ) -> Result<usize, BackendError> {
+        // Frames an earlier call could not put back: the kernel may be
+        // short of them.
+        self.refill();
         // SAFETY: `rx_descs` is scratch space the ring overwrites with frames
         // of this UMEM; none of those frames is used anywhere else until it
         // is handed back to the fill ring below.
@@ -616,22 +663,11 @@ impl Backend for AfXdpBackend {
             }
         }
         self.stats.rx_packets += delivered as u64;
-        // SAFETY: the frames just received are done with (the payload slices
-        // handed out above do not outlive `on_packet`), and the fill ring has
-        // room for all of them (see the frame accounting in the module docs).
-        let refilled = unsafe { self.fill.produce(&self.rx_descs[..received]) };
-        debug_assert_eq!(
-            refilled, received,
-            "the fill ring always has room for its own frames"
-        );
-        if refilled < received {
-            return Err(BackendError::Unavailable {
-                backend: NAME,
-                reason: format!(
-                    "fill ring took {refilled} of {received} frames back; frame accounting is broken"
-                ),
-            });
-        }
+        // The frames just received are done with: the payload slices handed
+        // out above do not outlive `on_packet`. At most `fill_ring` frames
+        // are ever outside the fill ring, so this never reallocates.
+        self.to_refill.extend_from_slice(&self.rx_descs[..received]);
+        self.refill();
         if !self.busy_poll && self.fill.needs_wakeup() {
             poke_rx(self.socket_fd());
         }
