@@ -103,7 +103,7 @@ pub struct DpdkConfig {
     /// Packet bytes one mbuf holds (its data room after DPDK's headroom).
     /// Packets are received in one segment only (a longer one is counted
     /// and dropped), so this bounds the largest frame: raise it with the
-    /// port's MTU (2048 covers 1500; 4096 covers MTUs up to about 4000).
+    /// port's MTU (2048 covers 1500; with `net_af_xdp` at most 3840, a 4 KiB page per mbuf).
     pub mbuf_data_bytes: u16,
     /// Packets per RX burst and most replies per TX burst (1..=512).
     pub burst_size: u16,
