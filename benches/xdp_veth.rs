@@ -123,11 +123,7 @@ fn broker_config(backend: &str, interface: &str, ip: Ipv4Addr, data_dir: &Path) 
         // bytes): net_af_packet wants room for its whole 4 KiB ring frame
         // (4064 bytes after its header), net_af_xdp a UMEM chunk within a
         // 4 KiB page (the mbuf's own 256 bytes included).
-        config.dataplane.dpdk.mbuf_data_bytes = if backend == "dpdk-af_xdp" {
-            3584
-        } else {
-            4096
-        };
+        config.dataplane.dpdk.mbuf_data_bytes = if backend == "dpdk-af_xdp" { 3584 } else { 4096 };
     }
     let busy_poll = env_or("XDP_VETH_BUSY_POLL", 1) != 0;
     let napi_knobs = env_or("XDP_VETH_NAPI_KNOBS", 1) != 0;
