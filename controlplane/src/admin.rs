@@ -51,6 +51,8 @@ fn durability_to_pb(level: DurabilityLevel) -> pb::Durability {
         DurabilityLevel::Memory => pb::Durability::Memory,
         DurabilityLevel::Flush => pb::Durability::Flush,
         DurabilityLevel::Fsync => pb::Durability::Fsync,
+        DurabilityLevel::Replicated => pb::Durability::Replicated,
+        DurabilityLevel::ReplicatedFsync => pb::Durability::ReplicatedFsync,
     }
 }
 
@@ -59,8 +61,11 @@ fn durability_from_pb(value: i32) -> Result<DurabilityLevel, Status> {
         Ok(pb::Durability::Unspecified | pb::Durability::Memory) => Ok(DurabilityLevel::Memory),
         Ok(pb::Durability::Flush) => Ok(DurabilityLevel::Flush),
         Ok(pb::Durability::Fsync) => Ok(DurabilityLevel::Fsync),
+        Ok(pb::Durability::Replicated) => Ok(DurabilityLevel::Replicated),
+        Ok(pb::Durability::ReplicatedFsync) => Ok(DurabilityLevel::ReplicatedFsync),
         Err(_) => Err(Status::invalid_argument(format!(
-            "durability: {value} is not a durability level (allowed: memory, flush, fsync)"
+            "durability: {value} is not a durability level \
+             (allowed: memory, flush, fsync, replicated, replicated_fsync)"
         ))),
     }
 }

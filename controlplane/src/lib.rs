@@ -11,7 +11,8 @@
 //! ([`shard_call`]) and atomics, never by locking their state.
 //!
 //! The metadata Raft group (openraft) lives in [`cluster`]; stream data
-//! replication is not here yet.
+//! replication (leader and follower transport per shard, quorum commit
+//! positions) in [`replication`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -25,5 +26,6 @@ pub mod logging;
 pub mod metrics;
 pub mod pb;
 pub mod reload;
+pub mod replication;
 pub mod server;
 pub mod shard_call;

@@ -600,6 +600,7 @@ mod tests {
             appended,
             written,
             synced,
+            ..kaelix_storage::Positions::default()
         };
         assert_eq!(
             tracker.observe(positions(100, 0, 0), at(0)),

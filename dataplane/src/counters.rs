@@ -249,7 +249,13 @@ mod tests {
         assert_eq!(counts.count, 7);
         let shard = ShardCounters::default();
         let mut batch = BatchCounts {
-            ack_latency: [counts, LatencyCounts::default(), LatencyCounts::default()],
+            ack_latency: std::array::from_fn(|level| {
+                if level == 0 {
+                    counts
+                } else {
+                    LatencyCounts::default()
+                }
+            }),
             ..BatchCounts::default()
         };
         shard.publish(&mut batch);

@@ -16,6 +16,13 @@ pub enum DurabilityLevel {
     Flush = 1,
     /// Acknowledged after fsync/fdatasync of the disk copy.
     Fsync = 2,
+    /// Acknowledged once a quorum of the shard's replica set holds the batch
+    /// in memory (the replication commit position). On a shard without
+    /// replication (a replica set of one) the same as [`Self::Memory`].
+    Replicated = 3,
+    /// Acknowledged once a quorum of the shard's replica set has the batch
+    /// fsynced. On a shard without replication the same as [`Self::Fsync`].
+    ReplicatedFsync = 4,
 }
 
 impl DurabilityLevel {
@@ -25,6 +32,8 @@ impl DurabilityLevel {
             0 => Some(Self::Memory),
             1 => Some(Self::Flush),
             2 => Some(Self::Fsync),
+            3 => Some(Self::Replicated),
+            4 => Some(Self::ReplicatedFsync),
             _ => None,
         }
     }
@@ -35,22 +44,51 @@ impl DurabilityLevel {
             Self::Memory => "memory",
             Self::Flush => "flush",
             Self::Fsync => "fsync",
+            Self::Replicated => "replicated",
+            Self::ReplicatedFsync => "replicated_fsync",
         }
     }
 
-    /// Every level, weakest first.
-    pub const ALL: [Self; 3] = [Self::Memory, Self::Flush, Self::Fsync];
+    /// Every level, in numeric order (local levels first, then replicated).
+    pub const ALL: [Self; 5] = [
+        Self::Memory,
+        Self::Flush,
+        Self::Fsync,
+        Self::Replicated,
+        Self::ReplicatedFsync,
+    ];
+
+    /// True for the levels that wait for a quorum of replicas.
+    pub const fn is_replicated(self) -> bool {
+        matches!(self, Self::Replicated | Self::ReplicatedFsync)
+    }
+
+    /// What each replica must have done locally for this level: `Memory`
+    /// for `Replicated`, `Fsync` for `ReplicatedFsync`, the level itself otherwise.
+    pub const fn local(self) -> Self {
+        match self {
+            Self::Replicated => Self::Memory,
+            Self::ReplicatedFsync => Self::Fsync,
+            other => other,
+        }
+    }
 }
 
 impl core::str::FromStr for DurabilityLevel {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "replicated+fsync" {
+            return Ok(Self::ReplicatedFsync);
+        }
         Self::ALL
             .into_iter()
             .find(|level| level.name() == s)
             .ok_or_else(|| {
-                format!("unknown durability level {s:?} (allowed: memory, flush, fsync)")
+                format!(
+                    "unknown durability level {s:?} \
+                     (allowed: memory, flush, fsync, replicated, replicated_fsync)"
+                )
             })
     }
 }
@@ -256,3 +294,29 @@ const _: () = {
     assert!(offset_of!(ErrorBody, code) == 0);
     assert!(offset_of!(ErrorBody, detail) == 4);
 };
+
+#[cfg(test)]
+mod durability_tests {
+    use super::DurabilityLevel;
+
+    #[test]
+    fn levels_round_trip_through_byte_and_name() {
+        for level in DurabilityLevel::ALL {
+            assert_eq!(DurabilityLevel::from_u8(level as u8), Some(level));
+            assert_eq!(level.name().parse::<DurabilityLevel>(), Ok(level));
+        }
+        assert_eq!(DurabilityLevel::from_u8(5), None);
+        assert_eq!(
+            "replicated+fsync".parse::<DurabilityLevel>(),
+            Ok(DurabilityLevel::ReplicatedFsync)
+        );
+        assert!("quorum".parse::<DurabilityLevel>().is_err());
+        assert_eq!(DurabilityLevel::Replicated.local(), DurabilityLevel::Memory);
+        assert_eq!(
+            DurabilityLevel::ReplicatedFsync.local(),
+            DurabilityLevel::Fsync
+        );
+        assert!(DurabilityLevel::Replicated.is_replicated());
+        assert!(!DurabilityLevel::Fsync.is_replicated());
+    }
+}

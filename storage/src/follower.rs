@@ -120,13 +120,9 @@ impl Follower {
         Ok(follower)
     }
 
-    /// The writer's published positions (two atomic loads, no syscall).
+    /// The writer's published positions (atomic loads, no syscall).
     pub fn positions(&self) -> Positions {
-        Positions {
-            appended: self.meta.load(Slot::Appended),
-            written: self.meta.load(Slot::Written),
-            synced: self.meta.load(Slot::Synced),
-        }
+        crate::replica::load_positions(&self.meta)
     }
 
     /// Catch up with the writer: map new segments, drop deleted ones, index

@@ -13,8 +13,9 @@
 //! serve readers from wherever they like. The crate does not log; what an
 //! operator should know comes back in reports and errors.
 //!
-//! What it leaves out on purpose: replication (the control plane ships
-//! batches and passes a commit position as the read limit), deduplication of
+//! What it leaves out on purpose: the replication transport (the control
+//! plane ships raw records with [`RawReader`], followers write them with
+//! [`ShardLog::append_replica`], see [`replica`]), deduplication of
 //! producer sequences (the data plane), compression.
 //!
 //! ## Main types
@@ -244,6 +245,7 @@ mod mem;
 mod reader;
 mod recovery;
 mod registry;
+pub mod replica;
 
 pub use config::{LiveMemory, LogConfig, RecoveryPolicy, StreamConfig, VerifyOnOpen};
 pub use error::{
@@ -260,6 +262,9 @@ pub use log::{
 };
 pub use reader::{LogReader, ReadBatch, Record};
 pub use recovery::RecoveryReport;
+pub use replica::{
+    CatchUp, CommitPositions, RawChunk, RawReader, ReplicaAppend, ReplicaError, ReplicaTail,
+};
 
 #[cfg(test)]
 mod stream_retention_tests;

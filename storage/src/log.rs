@@ -28,6 +28,12 @@ pub struct Positions {
     pub written: u64,
     /// The disk copy is fsynced below this (survives power loss).
     pub synced: u64,
+    /// A quorum of the replica set holds everything below in memory
+    /// (`appended` when no replication is attached; see [`crate::replica`]).
+    pub replicated: u64,
+    /// A quorum of the replica set has everything below fsynced
+    /// (`synced` when no replication is attached).
+    pub replicated_synced: u64,
 }
 
 impl Positions {
@@ -37,6 +43,8 @@ impl Positions {
             DurabilityLevel::Memory => self.appended,
             DurabilityLevel::Flush => self.written,
             DurabilityLevel::Fsync => self.synced,
+            DurabilityLevel::Replicated => self.replicated,
+            DurabilityLevel::ReplicatedFsync => self.replicated_synced,
         }
     }
 }
@@ -202,11 +210,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub fn positions(&self) -> Positions {
-        Positions {
-            appended: self.meta.load(Slot::Appended),
-            written: self.meta.load(Slot::Written),
-            synced: self.meta.load(Slot::Synced),
-        }
+        crate::replica::load_positions(&self.meta)
     }
 
     pub fn disk_path(&self, number: u64) -> PathBuf {
@@ -637,7 +641,7 @@ impl ShardLog {
     }
 
     /// Roll; returns the old segment's writer so a batch in progress can move its frames.
-    fn roll_segment(&mut self, now_ns: u64) -> Result<SegmentWriter, AppendError> {
+    pub(crate) fn roll_segment(&mut self, now_ns: u64) -> Result<SegmentWriter, AppendError> {
         let size = self.shared.segment_size;
         let old_number = self.active.number;
         let number = old_number + 1;
@@ -1105,7 +1109,7 @@ impl BatchWriter<'_> {
         log.active.writer.publish(self.cursor);
         let end_position = segment_base + self.cursor as u64;
         log.shared.meta.store(Slot::Appended, end_position);
-        if self.durability == DurabilityLevel::Fsync {
+        if self.durability.local() == DurabilityLevel::Fsync {
             log.shared.meta.store(Slot::SyncRequest, end_position);
         }
         Ok(AppendOutcome {

@@ -247,12 +247,20 @@ pub(crate) enum Slot {
     SyncRequest = 9,
     WriterPid = 10,
     State = 11,
+    /// 0: no replication layer attached (a replica set of one: the
+    /// replicated levels follow `Appended` and `Synced`); 1: they follow
+    /// the two slots below (see `crate::replica`).
+    ReplicaMode = 12,
+    /// Replication commit position: a quorum holds everything below in memory.
+    Replicated = 13,
+    /// Replication commit position: a quorum has everything below fsynced.
+    ReplicatedSynced = 14,
 }
 
 /// Bytes of the meta page (one 4 KiB page).
 pub(crate) const META_LEN: usize = 4096;
 const SLOT_STRIDE: usize = 128;
-const _: () = assert!((Slot::State as usize + 1) * SLOT_STRIDE <= META_LEN);
+const _: () = assert!((Slot::ReplicatedSynced as usize + 1) * SLOT_STRIDE <= META_LEN);
 
 /// The page of positions the writer publishes: in a shared file for
 /// followers, or anonymous memory when the log is not shared.
@@ -326,6 +334,14 @@ impl MetaPage {
     pub(crate) fn store(&self, slot: Slot, value: u64) {
         assert!(self.writable, "store to a read-only meta page");
         self.slot(slot).store(value, Ordering::Release);
+    }
+
+    /// Raise a slot to `value` if it is below (acq-rel); several threads
+    /// may publish into the same slot.
+    #[inline]
+    pub(crate) fn fetch_max(&self, slot: Slot, value: u64) {
+        assert!(self.writable, "store to a read-only meta page");
+        self.slot(slot).fetch_max(value, Ordering::AcqRel);
     }
 }
 

@@ -380,6 +380,7 @@ impl ShardLog {
         meta.store(Slot::Appended, base + SEGMENT_HEADER_LEN as u64);
         meta.store(Slot::WriterPid, u64::from(std::process::id()));
         meta.store(Slot::State, STATE_OPEN);
+        crate::replica::reset_meta(&meta);
 
         // Validation checked the limit against the configured segment size;
         // a log that keeps another size gets at least the minimum.

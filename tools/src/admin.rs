@@ -85,6 +85,11 @@ enum DurabilityArg {
     Memory,
     Flush,
     Fsync,
+    /// A quorum of the shard's replicas holds it in memory.
+    Replicated,
+    /// A quorum of the shard's replicas has it fsynced.
+    #[value(name = "replicated_fsync", alias = "replicated+fsync")]
+    ReplicatedFsync,
 }
 
 /// `kaelix broker`.
@@ -261,6 +266,8 @@ fn durability_name(value: i32) -> &'static str {
         Ok(pb::Durability::Memory | pb::Durability::Unspecified) => "memory",
         Ok(pb::Durability::Flush) => "flush",
         Ok(pb::Durability::Fsync) => "fsync",
+        Ok(pb::Durability::Replicated) => "replicated",
+        Ok(pb::Durability::ReplicatedFsync) => "replicated_fsync",
         Err(_) => "unknown",
     }
 }
@@ -313,6 +320,8 @@ async fn stream_inner(command: StreamCommand, conn: &Conn) -> Result<(), Failure
                 DurabilityArg::Memory => pb::Durability::Memory,
                 DurabilityArg::Flush => pb::Durability::Flush,
                 DurabilityArg::Fsync => pb::Durability::Fsync,
+                DurabilityArg::Replicated => pb::Durability::Replicated,
+                DurabilityArg::ReplicatedFsync => pb::Durability::ReplicatedFsync,
             };
             let info = client
                 .create(pb::CreateStreamRequest {

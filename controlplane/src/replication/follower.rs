@@ -1,0 +1,436 @@
+//! The follower side: one task per followed shard, owning that shard's
+//! log (and its flusher thread), connecting to the leader, appending what
+//! it receives and acknowledging its positions.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kaelix_storage::{LogConfig, OpenError, ReplicaError, ShardLog, StreamConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::wire::{self, Message, Plan};
+use super::{ReplicationConfig, SessionError, pause};
+
+/// What a follower replicates, and from where.
+#[derive(Debug, Clone)]
+pub struct FollowerConfig {
+    /// This broker's node id (the leader checks it against the replica set).
+    pub node_id: u64,
+    /// The shard.
+    pub shard: u32,
+    /// The leader's replication address.
+    pub leader: SocketAddr,
+    /// The follower's own log of the shard.
+    pub log: LogConfig,
+    /// Streams to register in the log when missing (the metadata's
+    /// streams of this shard), before anything is received.
+    pub streams: Vec<(u32, StreamConfig)>,
+}
+
+/// Why a follower stopped for good (session failures are retried).
+#[derive(Debug, thiserror::Error)]
+pub enum FollowerError {
+    /// Opening the log failed.
+    #[error("opening the replica log in {dir}: {source}")]
+    Open {
+        /// The log directory.
+        dir: PathBuf,
+        /// The failure.
+        source: OpenError,
+    },
+    /// Registering a stream failed.
+    #[error("creating stream {stream_id} in the replica log: {reason}")]
+    Stream {
+        /// The stream.
+        stream_id: u32,
+        /// The failure.
+        reason: String,
+    },
+    /// Truncating the log failed.
+    #[error("truncating the replica log: {0}")]
+    Truncate(ReplicaError),
+    /// The follower task panicked or was cancelled.
+    #[error("follower task: {0}")]
+    Task(String),
+}
+
+/// A follower's state, for status and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FollowerStatus {
+    /// A session with the leader is open.
+    pub connected: bool,
+    /// The log's appended position.
+    pub appended: u64,
+    /// The log's fsynced position.
+    pub synced: u64,
+    /// The leader's commit position (`replicated`) as last received.
+    pub commit: u64,
+    /// Truncations done to catch up.
+    pub truncations: u64,
+    /// Sessions opened.
+    pub sessions: u64,
+    /// The last session failure.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    connected: AtomicBool,
+    appended: AtomicU64,
+    synced: AtomicU64,
+    commit: AtomicU64,
+    truncations: AtomicU64,
+    sessions: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Follows one shard from its leader.
+#[derive(Debug)]
+pub struct ReplicaFollower {
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), FollowerError>>,
+}
+
+impl ReplicaFollower {
+    /// Open the follower's log (creating missing streams) and start
+    /// following. Call within a tokio runtime.
+    pub async fn start(
+        config: FollowerConfig,
+        replication: ReplicationConfig,
+    ) -> Result<Self, FollowerError> {
+        let log = open_log(config.log.clone(), config.streams.clone()).await?;
+        let shared = Arc::new(Shared::default());
+        log.publish_status(&shared);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(config, replication, log, shared.clone(), stop_rx));
+        Ok(Self { shared, stop, task })
+    }
+
+    /// Where the follower is.
+    pub fn status(&self) -> FollowerStatus {
+        let shared = &self.shared;
+        FollowerStatus {
+            connected: shared.connected.load(Ordering::Acquire),
+            appended: shared.appended.load(Ordering::Acquire),
+            synced: shared.synced.load(Ordering::Acquire),
+            commit: shared.commit.load(Ordering::Acquire),
+            truncations: shared.truncations.load(Ordering::Acquire),
+            sessions: shared.sessions.load(Ordering::Acquire),
+            last_error: shared
+                .last_error
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .clone(),
+        }
+    }
+
+    /// Stop: close the session, sync and close the log (its directory can
+    /// be opened again afterwards).
+    pub async fn shutdown(self) -> Result<(), FollowerError> {
+        let _ = self.stop.send(true);
+        self.task
+            .await
+            .map_err(|err| FollowerError::Task(err.to_string()))?
+    }
+}
+
+/// The follower's log with its flusher thread.
+struct OwnedLog {
+    log: ShardLog,
+    config: LogConfig,
+    flusher_stop: Arc<AtomicBool>,
+    flusher: Option<JoinHandle<()>>,
+}
+
+impl OwnedLog {
+    fn publish_status(&self, shared: &Shared) {
+        let positions = self.log.positions();
+        shared.appended.store(positions.appended, Ordering::Release);
+        shared.synced.store(positions.synced, Ordering::Release);
+    }
+
+    /// Stop the flusher after it synced everything, then close the log.
+    fn close(mut self) -> LogConfig {
+        self.flusher_stop.store(true, Ordering::Release);
+        if let Some(thread) = self.flusher.take() {
+            let _ = thread.join();
+        }
+        self.config.clone()
+    }
+}
+
+async fn open_log(
+    config: LogConfig,
+    streams: Vec<(u32, StreamConfig)>,
+) -> Result<OwnedLog, FollowerError> {
+    tokio::task::spawn_blocking(move || open_log_blocking(config, &streams))
+        .await
+        .map_err(|err| FollowerError::Task(err.to_string()))?
+}
+
+fn open_log_blocking(
+    config: LogConfig,
+    streams: &[(u32, StreamConfig)],
+) -> Result<OwnedLog, FollowerError> {
+    let (mut log, report) =
+        ShardLog::open(config.clone()).map_err(|source| FollowerError::Open {
+            dir: config.dir.clone(),
+            source,
+        })?;
+    for warning in &report.warnings {
+        tracing::warn!(dir = %config.dir.display(), "{warning}");
+    }
+    for (stream_id, stream) in streams {
+        if log.stream_info(*stream_id).is_none() {
+            log.create_stream(*stream_id, *stream)
+                .map_err(|err| FollowerError::Stream {
+                    stream_id: *stream_id,
+                    reason: err.to_string(),
+                })?;
+        }
+    }
+    // Consumers of a replica never see beyond the leader's commit.
+    log.commit_positions().attach(0, 0);
+    let flusher = log.flusher().expect("a freshly opened log has its flusher");
+    let flusher_stop = Arc::new(AtomicBool::new(false));
+    let stop = flusher_stop.clone();
+    let thread = std::thread::Builder::new()
+        .name("kaelix-replica-flush".into())
+        .spawn(move || run_flusher(flusher, &stop))
+        .map_err(|err| FollowerError::Task(format!("spawning the flusher: {err}")))?;
+    Ok(OwnedLog {
+        log,
+        config,
+        flusher_stop,
+        flusher: Some(thread),
+    })
+}
+
+/// Write and sync what was appended; on stop, sync everything first.
+fn run_flusher(mut flusher: kaelix_storage::Flusher, stop: &AtomicBool) {
+    let started = Instant::now();
+    let mut idle_polls = 0u32;
+    let mut failures = 0u32;
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        let now = if stopping {
+            u64::MAX / 2
+        } else {
+            started.elapsed().as_nanos() as u64
+        };
+        match flusher.poll(now) {
+            Ok(progress) => {
+                failures = 0;
+                if stopping && progress.synced >= progress.appended {
+                    return;
+                }
+                if progress.is_idle() {
+                    idle_polls = idle_polls.saturating_add(1);
+                    let sleep_us = (20u64 << idle_polls.min(6)).min(1_000);
+                    std::thread::sleep(Duration::from_micros(sleep_us));
+                } else {
+                    idle_polls = 0;
+                }
+            }
+            Err(err) => {
+                failures += 1;
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::error!(error = %err, failures, "replica flush failed; retrying");
+                }
+                if stopping && failures > 100 {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+enum Outcome {
+    Stopped,
+    Truncate(u64),
+}
+
+async fn run(
+    config: FollowerConfig,
+    replication: ReplicationConfig,
+    mut log: OwnedLog,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), FollowerError> {
+    let result = loop {
+        if *stop.borrow() {
+            break Ok(());
+        }
+        shared.sessions.fetch_add(1, Ordering::AcqRel);
+        let outcome = session(&config, &replication, &mut log, &shared, &mut stop).await;
+        shared.connected.store(false, Ordering::Release);
+        match outcome {
+            Ok(Outcome::Stopped) => break Ok(()),
+            Ok(Outcome::Truncate(segment)) => {
+                tracing::info!(shard = config.shard, segment, "truncating the replica log");
+                let streams = config.streams.clone();
+                let truncated = tokio::task::spawn_blocking(move || {
+                    let log_config = log.close();
+                    let dropped =
+                        kaelix_storage::replica::truncate_segments(&log_config.dir, segment)
+                            .map_err(FollowerError::Truncate);
+                    let reopened = open_log_blocking(log_config, &streams);
+                    (dropped, reopened)
+                })
+                .await
+                .map_err(|err| FollowerError::Task(err.to_string()));
+                match truncated {
+                    Ok((Ok(_), Ok(reopened))) => {
+                        log = reopened;
+                        log.publish_status(&shared);
+                        shared.truncations.fetch_add(1, Ordering::AcqRel);
+                    }
+                    Ok((Err(err), _)) | Ok((_, Err(err))) | Err(err) => return Err(err),
+                }
+            }
+            Err(err) => {
+                tracing::info!(shard = config.shard, error = %err, "replication session failed");
+                *shared
+                    .last_error
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(err.to_string());
+                tokio::select! {
+                    _ = stop.changed() => {}
+                    _ = tokio::time::sleep(replication.reconnect_delay) => {}
+                }
+            }
+        }
+    };
+    let _ = tokio::task::spawn_blocking(move || log.close()).await;
+    result
+}
+
+async fn session(
+    config: &FollowerConfig,
+    replication: &ReplicationConfig,
+    log: &mut OwnedLog,
+    shared: &Shared,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Outcome, SessionError> {
+    let stream = tokio::select! {
+        _ = stop.changed() => return Ok(Outcome::Stopped),
+        connected = TcpStream::connect(config.leader) => connected?,
+    };
+    stream.set_nodelay(true)?;
+    let (mut rd, mut wr) = stream.into_split();
+    let mut out = Vec::with_capacity(256);
+    let tail = log.log.replica_tail();
+    wire::encode_hello(
+        &mut out,
+        config.shard,
+        config.node_id,
+        tail.position,
+        tail.last_record,
+    );
+    wr.write_all(&out).await?;
+    let mut inbuf: Vec<u8> = Vec::with_capacity(replication.chunk_bytes * 2 + 64 * 1024);
+    // The plan.
+    let plan = loop {
+        if let Some((message, used)) = wire::decode(&inbuf)? {
+            let Message::Plan(plan) = message else {
+                return Err(SessionError::Protocol(
+                    "leader did not answer with a plan".into(),
+                ));
+            };
+            inbuf.drain(..used);
+            break plan;
+        }
+        tokio::select! {
+            _ = stop.changed() => return Ok(Outcome::Stopped),
+            read = rd.read_buf(&mut inbuf) => if read? == 0 {
+                return Err(SessionError::Protocol("leader closed the connection".into()));
+            },
+        }
+    };
+    match plan {
+        Plan::Resume(from) if from == tail.position => {}
+        Plan::Resume(from) => {
+            return Err(SessionError::Protocol(format!(
+                "leader resumes at {from}, the log ends at {}",
+                tail.position
+            )));
+        }
+        Plan::Truncate(segment) => return Ok(Outcome::Truncate(segment)),
+        other => return Err(SessionError::Protocol(format!("leader refused: {other:?}"))),
+    }
+    shared.connected.store(true, Ordering::Release);
+    tracing::info!(
+        shard = config.shard,
+        from = tail.position,
+        "following the leader"
+    );
+    let commit = log.log.commit_positions();
+    let mut acked = (u64::MAX, u64::MAX);
+    let mut last_activity = Instant::now();
+    loop {
+        // Everything complete in the buffer (DATA may have come with the plan).
+        let mut at = 0;
+        while let Some((message, used)) = wire::decode(&inbuf[at..])? {
+            let Message::Data {
+                position,
+                commit: replicated,
+                commit_synced,
+                records,
+            } = message
+            else {
+                return Err(SessionError::Protocol(
+                    "leader sent something else than data".into(),
+                ));
+            };
+            if !records.is_empty() {
+                log.log
+                    .append_replica(position, records, replication.follower_sync)?;
+            }
+            commit.publish(replicated, commit_synced);
+            shared.commit.store(replicated, Ordering::Release);
+            at += used;
+        }
+        if at > 0 {
+            inbuf.drain(..at);
+            last_activity = Instant::now();
+        }
+        // Room for the next frame (a large batch record may need more).
+        let want = match inbuf.get(..4) {
+            Some(len) => 4 + u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize,
+            None => 0,
+        };
+        let room = want.max(inbuf.len() + 64 * 1024);
+        if inbuf.capacity() < room {
+            inbuf.reserve(room - inbuf.len());
+        }
+        let positions = log.log.positions();
+        let now = (positions.appended, positions.synced);
+        if now != acked {
+            out.clear();
+            wire::encode_ack(&mut out, now.0, now.1);
+            wr.write_all(&out).await?;
+            acked = now;
+            shared.appended.store(now.0, Ordering::Release);
+            shared.synced.store(now.1, Ordering::Release);
+        }
+        tokio::select! {
+            biased;
+            _ = stop.changed() => return Ok(Outcome::Stopped),
+            read = rd.read_buf(&mut inbuf) => {
+                if read? == 0 {
+                    return Err(SessionError::Protocol("leader closed the connection".into()));
+                }
+            }
+            // The flusher's synced position moves on its own.
+            _ = pause(replication, last_activity) => {}
+        }
+    }
+}
