@@ -38,7 +38,7 @@ FUZZ_RUN = $(CARGO) fuzz run $(FUZZ_TARGET) --sanitizer none -a \
 
 .PHONY: all setup build run test bench fuzz fmt clippy test-dpdk \
 	fmt-check check-deps test-suite bench-build fuzz-smoke \
-	bench-criterion bench-release bench-loopback bench-veth bench-peers
+	bench-criterion bench-release bench-loopback bench-veth bench-peers bench-local
 
 all: build
 
@@ -87,7 +87,7 @@ bench-build: setup
 
 # Criterion micro benchmarks, then the end-to-end scripts (figures in
 # target/bench/; docs/performance.md says how they were produced).
-bench: setup bench-criterion bench-loopback bench-veth bench-peers
+bench: setup bench-criterion bench-loopback bench-local bench-veth bench-peers
 
 bench-criterion: setup
 	$(CARGO) bench --workspace --bench '*' $(CARGO_FLAGS)
@@ -98,6 +98,11 @@ bench-release: setup
 # kaelix serve + kaelix bench on 127.0.0.1 at several loads.
 bench-loopback: bench-release
 	bash benches/scripts/loopback.sh
+
+# Local mapped consumer (shared-memory follower) vs remote fetch consumer:
+# produce->visible latency at fixed rates on 127.0.0.1, same run.
+bench-local: bench-release
+	bash benches/scripts/local_consumer.sh
 
 # Socket vs AF_XDP backend on a veth pair between two namespaces (root).
 bench-veth: bench-release

@@ -26,7 +26,7 @@ struct Broker {
     child: Child,
     data: SocketAddr,
     fetch: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Broker {
@@ -73,7 +73,7 @@ impl Broker {
             child,
             data,
             fetch,
-            _dir: dir,
+            dir,
         }
     }
 }
@@ -116,8 +116,10 @@ fn bench_measures_acks_and_consumption_against_a_served_broker() {
     let bin = kaelix_bin();
     let broker = Broker::start(&bin);
 
-    // Fixed rate with a consumer: every figure of the report is filled in.
+    // Fixed rate with both consumers (remote fetch, local mapped log): every
+    // figure of the report is filled in.
     let fetch = broker.fetch.to_string();
+    let data_dir = broker.dir.path().to_str().expect("a UTF-8 temporary path");
     let report = bench(
         &bin,
         &broker,
@@ -130,6 +132,8 @@ fn bench_measures_acks_and_consumption_against_a_served_broker() {
             "0.3",
             "--fetch",
             &fetch,
+            "--local",
+            data_dir,
         ],
     );
     assert_eq!(report["acked_level"], "memory", "{report}");
@@ -146,6 +150,14 @@ fn bench_measures_acks_and_consumption_against_a_served_broker() {
     let e2e = &report["end_to_end_us"];
     assert_eq!(e2e["consumed"].as_u64(), Some(acked), "{report}");
     assert!(e2e["samples"].as_u64().unwrap() > 0, "{report}");
+    let local = &report["local_end_to_end_us"];
+    assert_eq!(local["consumed"].as_u64(), Some(acked), "{report}");
+    assert!(local["samples"].as_u64().unwrap() > 0, "{report}");
+    let (p50, p99) = (
+        local["p50"].as_f64().unwrap(),
+        local["p99"].as_f64().unwrap(),
+    );
+    assert!(0.0 < p50 && p50 <= p99, "{report}");
 
     // A count at the fsync level: exactly that many acknowledged, at fsync.
     let report = bench(

@@ -12,7 +12,11 @@
 //! With `--fetch ADDR` one remote consumer per stream (kaelix-client's TCP
 //! fetch consumer) reads what the producers write and end-to-end
 //! (produce→consume) latency is measured too: every frame carries its
-//! intended send time, on the benchmark's clock.
+//! intended send time, on the benchmark's clock. With `--local DATA_DIR`
+//! (on the broker's host) one local consumer per stream follows the broker's
+//! log through its shared-memory mapping instead of fetching, and
+//! produce→visible latency is measured the same way; both options together
+//! compare the two consumers on the same messages.
 
 mod consume;
 mod load;
@@ -22,6 +26,7 @@ mod xdp;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -126,6 +131,18 @@ pub struct BenchArgs {
     /// (one remote consumer each) and measure produce->consume latency.
     #[arg(long)]
     pub fetch: Option<SocketAddr>,
+    /// The broker's data directory on this host (`kaelix serve --data-dir`):
+    /// also follow every stream written through the shared-memory mapping
+    /// of the broker's log (one kaelix-client local consumer each, records
+    /// served once durable at --durability) and measure produce->visible
+    /// latency. With --fetch too, both consumers read the same messages.
+    #[arg(long)]
+    pub local: Option<PathBuf>,
+    /// Local consumers poll without waiting (a busy loop on a cpu each)
+    /// instead of the client's wait when caught up (64 spins, then 100 us
+    /// naps).
+    #[arg(long, requires = "local")]
+    pub local_spin: bool,
     /// Seconds to wait for outstanding ACKs after the last message.
     #[arg(long, default_value_t = 5.0)]
     pub drain: f64,
@@ -270,13 +287,22 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
         .map(|index| ProducerState::new(producer_config(index)))
         .collect();
     let producer_ids: Vec<u32> = cores.iter().map(ProducerState::producer_id).collect();
-    let consumers = match args.fetch {
-        Some(fetch) => streams
-            .iter()
-            .map(|&stream| consume::connect(fetch, stream))
-            .collect::<anyhow::Result<Vec<_>>>()?,
-        None => Vec::new(),
-    };
+    // (remote?, consumer) for every stream and consumer kind asked for.
+    let mut consumers = Vec::new();
+    let sources = [
+        args.fetch.map(consume::Source::Remote),
+        args.local.clone().map(|data_dir| consume::Source::Local {
+            data_dir,
+            level: args.durability,
+            spin: args.local_spin,
+        }),
+    ];
+    for source in sources.iter().flatten() {
+        for &stream in &streams {
+            let remote = matches!(source, consume::Source::Remote(_));
+            consumers.push((remote, consume::connect(source, stream)?));
+        }
+    }
 
     let warmup_ns = (args.warmup * 1e9) as u64;
     let end_ns = warmup_ns + (args.duration * 1e9) as u64;
@@ -303,11 +329,12 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
     let (reports, consumed) = std::thread::scope(|scope| {
         let consumer_handles: Vec<_> = consumers
             .into_iter()
-            .map(|consumer| {
+            .map(|(remote, consumer)| {
                 let (plan, ids, done) = (&plan, &producer_ids, &producers_done);
-                scope.spawn(move || {
+                let handle = scope.spawn(move || {
                     consume::run_consumer(consumer, ids, plan, done, consume_deadline)
-                })
+                });
+                (remote, handle)
             })
             .collect();
         let handles: Vec<_> = links
@@ -349,17 +376,28 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
             })
             .collect();
         producers_done.store(true, Ordering::Release);
-        let consumed: Vec<anyhow::Result<consume::ConsumeReport>> = consumer_handles
+        let consumed: Vec<anyhow::Result<(bool, consume::ConsumeReport)>> = consumer_handles
             .into_iter()
-            .map(|handle| match handle.join() {
-                Ok(result) => result.context("consumer"),
+            .map(|(remote, handle)| match handle.join() {
+                Ok(result) => result.map(|report| (remote, report)).context(if remote {
+                    "remote consumer"
+                } else {
+                    "local consumer"
+                }),
                 Err(_) => Err(anyhow::anyhow!("a consumer thread panicked")),
             })
             .collect();
         (reports, consumed)
     });
     let reports = reports.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    let consumed = consumed.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+    let (remote, local): (Vec<_>, Vec<_>) = consumed
+        .into_iter()
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .partition(|(remote, _)| *remote);
+    let reports_of = |consumed: Vec<(bool, consume::ConsumeReport)>| -> Vec<_> {
+        consumed.into_iter().map(|(_, report)| report).collect()
+    };
     Ok(Summary::new(
         args,
         &streams,
@@ -367,7 +405,10 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
         (args.sender.name(), sender_detail),
         plan.warmup_ns,
         reports,
-        args.fetch.is_some().then_some(consumed),
+        report::Consumed {
+            remote: args.fetch.is_some().then(|| reports_of(remote)),
+            local: args.local.is_some().then(|| reports_of(local)),
+        },
     ))
 }
 

@@ -44,11 +44,97 @@ pub struct Summary {
     timeouts: u64,
     datagrams: u64,
     latency: Histogram<u64>,
-    /// produce→consume latency and consumed counts, when consumers ran.
-    end_to_end: Option<(Histogram<u64>, u64, u64)>,
+    /// Remote (TCP fetch) consumers' figures, when they ran (`--fetch`).
+    end_to_end: Option<EndToEnd>,
+    /// Local (mapped log) consumers' figures, when they ran (`--local`).
+    local: Option<EndToEnd>,
+}
+
+/// The consumers' reports of a run, by kind (None: that kind did not run).
+#[derive(Debug, Default)]
+pub(super) struct Consumed {
+    /// Remote TCP fetch consumers.
+    pub remote: Option<Vec<ConsumeReport>>,
+    /// Local consumers following the mapped log.
+    pub local: Option<Vec<ConsumeReport>>,
+}
+
+/// produce→consume latency and consumed counts of one kind of consumer.
+#[derive(Debug)]
+struct EndToEnd {
+    latency: Histogram<u64>,
+    consumed: u64,
+    in_window: u64,
+}
+
+impl EndToEnd {
+    fn merge(reports: Vec<ConsumeReport>) -> Self {
+        let mut merged = Self {
+            latency: new_histogram(),
+            consumed: 0,
+            in_window: 0,
+        };
+        for report in reports {
+            merged
+                .latency
+                .add(&report.latency)
+                .expect("histograms with equal bounds always merge");
+            merged.consumed += report.consumed;
+            merged.in_window += report.consumed_in_window;
+        }
+        merged
+    }
+
+    /// Table rows named `name pNN`, then the consumed count as `what`.
+    fn rows(&self, name: &str, what: &str, window_secs: f64) -> Vec<(String, String)> {
+        let mut rows: Vec<(String, String)> = PERCENTILES
+            .iter()
+            .map(|(label, quantile)| {
+                (
+                    format!("{name} {label}"),
+                    format!(
+                        "{:.1} us",
+                        self.latency.value_at_quantile(*quantile) as f64 / 1e3
+                    ),
+                )
+            })
+            .collect();
+        rows.push((
+            format!("{name} max"),
+            format!("{:.1} us", self.latency.max() as f64 / 1e3),
+        ));
+        rows.push((
+            format!("consumed ({what})"),
+            format!(
+                "{} records, {:.0} msgs/s in the window",
+                self.consumed,
+                self.in_window as f64 / window_secs.max(1e-9)
+            ),
+        ));
+        rows
+    }
+
+    fn to_json(&self, window_secs: f64) -> Value {
+        let mut map = serde_json::Map::new();
+        for (name, quantile) in PERCENTILES {
+            map.insert(
+                name.into(),
+                json!(self.latency.value_at_quantile(quantile) as f64 / 1e3),
+            );
+        }
+        map.insert("max".into(), json!(self.latency.max() as f64 / 1e3));
+        map.insert("samples".into(), json!(self.latency.len()));
+        map.insert("consumed".into(), json!(self.consumed));
+        map.insert(
+            "consumed_per_sec".into(),
+            json!(self.in_window as f64 / window_secs.max(1e-9)),
+        );
+        Value::Object(map)
+    }
 }
 
 const NO_CONSUMER: &str = "not measured (no --fetch: no consumer ran)";
+const NO_LOCAL_CONSUMER: &str = "not measured (no --local: no local consumer ran)";
 
 impl Summary {
     /// Merge the producers' reports (histograms are added here, after the run).
@@ -60,7 +146,7 @@ impl Summary {
         (sender, sender_detail): (&'static str, String),
         warmup_ns: u64,
         reports: Vec<ProducerReport>,
-        consumed: Option<Vec<ConsumeReport>>,
+        consumed: Consumed,
     ) -> Self {
         let mut latency = new_histogram();
         let mut summary = Self {
@@ -88,19 +174,9 @@ impl Summary {
             timeouts: 0,
             datagrams: 0,
             latency: new_histogram(),
-            end_to_end: None,
+            end_to_end: consumed.remote.map(EndToEnd::merge),
+            local: consumed.local.map(EndToEnd::merge),
         };
-        if let Some(consumed) = consumed {
-            let mut e2e = new_histogram();
-            let (mut total, mut in_window) = (0, 0);
-            for report in consumed {
-                e2e.add(&report.latency)
-                    .expect("histograms with equal bounds always merge");
-                total += report.consumed;
-                in_window += report.consumed_in_window;
-            }
-            summary.end_to_end = Some((e2e, total, in_window));
-        }
         let mut window_end_ns = 0;
         for report in reports {
             latency
@@ -251,30 +327,27 @@ impl Summary {
             format!("{:.1} us", self.latency.max() as f64 / 1e3),
         ]);
         match &self.end_to_end {
-            Some((e2e, consumed, in_window)) => {
-                for (name, quantile) in PERCENTILES {
-                    table.add_row(vec![
-                        format!("produce->consume {name}"),
-                        format!("{:.1} us", e2e.value_at_quantile(quantile) as f64 / 1e3),
-                    ]);
+            Some(e2e) => {
+                for (name, value) in
+                    e2e.rows("produce->consume", "remote TCP fetch", self.window_secs)
+                {
+                    table.add_row(vec![name, value]);
                 }
-                table.add_row(vec![
-                    "produce->consume max".to_string(),
-                    format!("{:.1} us", e2e.max() as f64 / 1e3),
-                ]);
-                table.add_row(vec![
-                    "consumed (remote TCP fetch)".to_string(),
-                    format!(
-                        "{consumed} records, {:.0} msgs/s in the window",
-                        *in_window as f64 / self.window_secs.max(1e-9)
-                    ),
-                ]);
             }
             None => {
                 table.add_row(vec![
                     "end-to-end (produce->consume)".to_string(),
                     NO_CONSUMER.to_string(),
                 ]);
+            }
+        }
+        if let Some(local) = &self.local {
+            for (name, value) in local.rows(
+                "produce->visible (local)",
+                "local, mapped log",
+                self.window_secs,
+            ) {
+                table.add_row(vec![name, value]);
             }
         }
         table.add_row(vec![
@@ -297,24 +370,12 @@ impl Summary {
         latency.insert("mean".into(), json!(self.latency.mean() / 1e3));
         latency.insert("samples".into(), json!(self.latency.len()));
         let end_to_end = match &self.end_to_end {
-            Some((e2e, consumed, in_window)) => {
-                let mut map = serde_json::Map::new();
-                for (name, quantile) in PERCENTILES {
-                    map.insert(
-                        name.into(),
-                        json!(e2e.value_at_quantile(quantile) as f64 / 1e3),
-                    );
-                }
-                map.insert("max".into(), json!(e2e.max() as f64 / 1e3));
-                map.insert("samples".into(), json!(e2e.len()));
-                map.insert("consumed".into(), json!(consumed));
-                map.insert(
-                    "consumed_per_sec".into(),
-                    json!(*in_window as f64 / self.window_secs.max(1e-9)),
-                );
-                Value::Object(map)
-            }
+            Some(e2e) => e2e.to_json(self.window_secs),
             None => json!(NO_CONSUMER),
+        };
+        let local = match &self.local {
+            Some(local) => local.to_json(self.window_secs),
+            None => json!(NO_LOCAL_CONSUMER),
         };
         json!({
             "label": self.label,
@@ -336,6 +397,7 @@ impl Summary {
             "frames_per_datagram": self.frames_per_datagram(),
             "produce_ack_us": latency,
             "end_to_end_us": end_to_end,
+            "local_end_to_end_us": local,
             "offered": self.offered,
             "acked": self.acked,
             "rejected": self.failed,
