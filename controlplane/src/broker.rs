@@ -555,9 +555,10 @@ impl Drop for Broker {
     }
 }
 
-/// The flusher thread: write and sync appended data; on stop, write and
-/// sync everything that was appended before returning.
-fn run_flusher(shard: u32, mut flusher: Flusher, stop: &AtomicBool) {
+/// The flusher thread of shard `shard`'s log: write and sync appended data;
+/// on stop, write and sync everything that was appended before returning.
+/// Also runs the flusher of a replica's log (controlplane::replication).
+pub(crate) fn run_flusher(shard: u32, mut flusher: Flusher, stop: &AtomicBool) {
     let mut failures = 0u64;
     let mut idle_polls = 0u32;
     loop {

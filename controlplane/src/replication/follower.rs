@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use kaelix_storage::{LogConfig, OpenError, ReplicaError, ShardLog, StreamConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -105,7 +105,7 @@ impl ReplicaFollower {
         config: FollowerConfig,
         replication: ReplicationConfig,
     ) -> Result<Self, FollowerError> {
-        let log = open_log(config.log.clone(), config.streams.clone()).await?;
+        let log = open_log(config.shard, config.log.clone(), config.streams.clone()).await?;
         let shared = Arc::new(Shared::default());
         log.publish_status(&shared);
         let (stop, stop_rx) = watch::channel(false);
@@ -167,15 +167,17 @@ impl OwnedLog {
 }
 
 async fn open_log(
+    shard: u32,
     config: LogConfig,
     streams: Vec<(u32, StreamConfig)>,
 ) -> Result<OwnedLog, FollowerError> {
-    tokio::task::spawn_blocking(move || open_log_blocking(config, &streams))
+    tokio::task::spawn_blocking(move || open_log_blocking(shard, config, &streams))
         .await
         .map_err(|err| FollowerError::Task(err.to_string()))?
 }
 
 fn open_log_blocking(
+    shard: u32,
     config: LogConfig,
     streams: &[(u32, StreamConfig)],
 ) -> Result<OwnedLog, FollowerError> {
@@ -203,7 +205,7 @@ fn open_log_blocking(
     let stop = flusher_stop.clone();
     let thread = std::thread::Builder::new()
         .name("kaelix-replica-flush".into())
-        .spawn(move || run_flusher(flusher, &stop))
+        .spawn(move || crate::broker::run_flusher(shard, flusher, &stop))
         .map_err(|err| FollowerError::Task(format!("spawning the flusher: {err}")))?;
     Ok(OwnedLog {
         log,
@@ -211,46 +213,6 @@ fn open_log_blocking(
         flusher_stop,
         flusher: Some(thread),
     })
-}
-
-/// Write and sync what was appended; on stop, sync everything first.
-fn run_flusher(mut flusher: kaelix_storage::Flusher, stop: &AtomicBool) {
-    let started = Instant::now();
-    let mut idle_polls = 0u32;
-    let mut failures = 0u32;
-    loop {
-        let stopping = stop.load(Ordering::Acquire);
-        let now = if stopping {
-            u64::MAX / 2
-        } else {
-            started.elapsed().as_nanos() as u64
-        };
-        match flusher.poll(now) {
-            Ok(progress) => {
-                failures = 0;
-                if stopping && progress.synced >= progress.appended {
-                    return;
-                }
-                if progress.is_idle() {
-                    idle_polls = idle_polls.saturating_add(1);
-                    let sleep_us = (20u64 << idle_polls.min(6)).min(1_000);
-                    std::thread::sleep(Duration::from_micros(sleep_us));
-                } else {
-                    idle_polls = 0;
-                }
-            }
-            Err(err) => {
-                failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::error!(error = %err, failures, "replica flush failed; retrying");
-                }
-                if stopping && failures > 100 {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-    }
 }
 
 enum Outcome {
@@ -277,12 +239,13 @@ async fn run(
             Ok(Outcome::Truncate(segment)) => {
                 tracing::info!(shard = config.shard, segment, "truncating the replica log");
                 let streams = config.streams.clone();
+                let shard = config.shard;
                 let truncated = tokio::task::spawn_blocking(move || {
                     let log_config = log.close();
                     let dropped =
                         kaelix_storage::replica::truncate_segments(&log_config.dir, segment)
                             .map_err(FollowerError::Truncate);
-                    let reopened = open_log_blocking(log_config, &streams);
+                    let reopened = open_log_blocking(shard, log_config, &streams);
                     (dropped, reopened)
                 })
                 .await
