@@ -26,6 +26,7 @@
 //! | `kaelix_storage_position_bytes` | gauge | `shard`, `position` (appended, written, synced) |
 //! | `kaelix_storage_unsynced_bytes`, `kaelix_storage_unwritten_bytes` | gauge | `shard` |
 //! | `kaelix_storage_segments` | gauge | `shard` |
+//! | `kaelix_storage_live_memory_bytes`, `kaelix_storage_live_memory_limit_bytes` | gauge | `shard` |
 //! | `kaelix_storage_sync_wait_seconds`, `kaelix_storage_write_wait_seconds` | histogram | `shard` |
 //! | `kaelix_stream_messages_appended_total` | counter | `stream`, `shard` |
 //! | `kaelix_stream_frames_appended_total`, `_bytes_appended_total`, `_duplicates_total`, `_gaps_total`, `_retransmits_seen_total` | counter | `stream`, `shard` |
@@ -251,6 +252,14 @@ fn describe() {
     describe_gauge!(
         "kaelix_storage_unwritten_bytes",
         "Appended bytes not yet in the disk copy (durable lag of the flush level)"
+    );
+    describe_gauge!(
+        "kaelix_storage_live_memory_bytes",
+        "Live (shared-memory) segments the log holds now; at the limit appends are refused with `overloaded` until the flusher catches up"
+    );
+    describe_gauge!(
+        "kaelix_storage_live_memory_limit_bytes",
+        "The live memory limit (storage.live_memory_max_mib, in whole segments)"
     );
     describe_histogram!(
         "kaelix_storage_sync_wait_seconds",
@@ -573,6 +582,10 @@ fn publish_shard(broker: &Broker, shard: &crate::broker::ShardHandle) {
         .set(positions.appended.saturating_sub(positions.synced) as f64);
     gauge!("kaelix_storage_unwritten_bytes", "shard" => id.clone())
         .set(positions.appended.saturating_sub(positions.written) as f64);
+    let live = shard.reader.live_memory();
+    gauge!("kaelix_storage_live_memory_bytes", "shard" => id.clone()).set(live.bytes as f64);
+    gauge!("kaelix_storage_live_memory_limit_bytes", "shard" => id.clone())
+        .set(live.limit_bytes as f64);
     let segments = segment_count(&broker.data_dir().join(format!("shard-{}", shard.id)));
     gauge!("kaelix_storage_segments", "shard" => id).set(segments as f64);
 }

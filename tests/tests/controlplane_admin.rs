@@ -287,6 +287,10 @@ async fn streams_broker_status_and_config_over_grpc() {
             > 0.0
     );
     assert!(support::value(&samples, "kaelix_storage_unsynced_bytes", &shard).is_some());
+    // The active segment is live memory; the limit is 16 segments by default.
+    let live = support::value(&samples, "kaelix_storage_live_memory_bytes", &shard).unwrap();
+    let limit = support::value(&samples, "kaelix_storage_live_memory_limit_bytes", &shard).unwrap();
+    assert!(live > 0.0 && live <= limit, "live memory {live} of {limit}");
     // Histograms come with buckets, not as summaries.
     let buckets: Vec<&support::Sample> = samples
         .iter()
