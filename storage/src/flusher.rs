@@ -71,7 +71,11 @@ impl Flusher {
             appended,
             ..FlushProgress::default()
         };
-        let last_sync = *self.last_sync_ns.get_or_insert(now_ns);
+        // Before the first sync the interval counts from time 0: a flusher
+        // whose first poll is the final one at shutdown (a broker stopped
+        // right after it started) must still sync, not wait an interval
+        // that its stop-time clock never lets pass.
+        let last_sync = self.last_sync_ns.unwrap_or(0);
         while self.written < appended {
             let number = self.written / size;
             let offset = self.written % size;

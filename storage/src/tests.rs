@@ -83,6 +83,28 @@ pub(crate) fn flush_all(log: &ShardLog, flusher: &mut crate::Flusher) {
 }
 
 #[test]
+fn a_first_poll_at_the_stop_time_still_syncs_everything() {
+    // A broker stopped right after it started: the flusher's first poll is
+    // the final one, with the far-future clock run_flusher uses on stop. A
+    // memory-level stream asks for no sync, so only the interval makes one.
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, _) = ShardLog::open(config(dir.path())).unwrap();
+    log.create_stream(
+        1,
+        StreamConfig {
+            durability: DurabilityLevel::Memory,
+        },
+    )
+    .unwrap();
+    let data = frame(1, 1, 100);
+    log.append(1, &[data.as_slice()], 5).unwrap();
+    let mut flusher = log.flusher().unwrap();
+    let progress = flusher.poll(u64::MAX / 2).unwrap();
+    assert_eq!(progress.synced, log.positions().appended);
+    assert_eq!(flusher.positions().synced, log.positions().appended);
+}
+
+#[test]
 fn append_read_roll_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = Model::new();
