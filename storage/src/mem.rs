@@ -345,14 +345,31 @@ impl MetaPage {
     }
 }
 
-/// Take an exclusive, non-blocking `flock` on `file`.
-pub(crate) fn lock_exclusive(file: &File) -> io::Result<()> {
+/// Why the lock file of a log directory could not be taken.
+#[derive(Debug)]
+pub(crate) enum DirLockError {
+    /// The lock file could not be opened or created.
+    Open(io::Error),
+    /// Another process (or handle) holds it.
+    Held,
+}
+
+/// Open `lock_path` (created if missing) and take an exclusive,
+/// non-blocking `flock` on it; the lock holds while the file stays open.
+pub(crate) fn lock_dir(lock_path: &std::path::Path) -> Result<File, DirLockError> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lock_path)
+        .map_err(DirLockError::Open)?;
     // SAFETY: `flock` only reads the descriptor number, which `file` keeps open.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc == 0 {
-        Ok(())
+        Ok(file)
     } else {
-        Err(io::Error::last_os_error())
+        Err(DirLockError::Held)
     }
 }
 

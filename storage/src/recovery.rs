@@ -158,15 +158,11 @@ impl ShardLog {
         let segments_dir = dir.join("segments");
         fs::create_dir_all(&segments_dir).map_err(io_err("creating", &segments_dir))?;
         let lock_path = dir.join("lock");
-        let lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&lock_path)
-            .map_err(io_err("opening", &lock_path))?;
-        mem::lock_exclusive(&lock).map_err(|_| OpenError::Locked {
-            path: lock_path.clone(),
+        let lock = mem::lock_dir(&lock_path).map_err(|err| match err {
+            mem::DirLockError::Open(source) => io_err("opening", &lock_path)(source),
+            mem::DirLockError::Held => OpenError::Locked {
+                path: lock_path.clone(),
+            },
         })?;
 
         let registry_path = dir.join(REGISTRY_FILE);

@@ -34,7 +34,7 @@
 //! detected (that needs per-batch leader epochs). A follower can catch up
 //! only from data the leader still holds (no snapshot transfer).
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -621,15 +621,12 @@ pub fn truncate_segments(dir: &Path, from_segment: u64) -> Result<Vec<u64>, Repl
         }
     };
     let lock_path = dir.join("lock");
-    let lock = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&lock_path)
-        .map_err(io("opening", &lock_path))?;
-    crate::mem::lock_exclusive(&lock).map_err(|_| ReplicaError::Locked {
-        path: lock_path.clone(),
+    // Held until the truncation is done (dropped at the end of the function).
+    let _lock = crate::mem::lock_dir(&lock_path).map_err(|err| match err {
+        crate::mem::DirLockError::Open(source) => io("opening", &lock_path)(source),
+        crate::mem::DirLockError::Held => ReplicaError::Locked {
+            path: lock_path.clone(),
+        },
     })?;
     let segments_dir = dir.join("segments");
     let mut dropped = Vec::new();
