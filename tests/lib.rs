@@ -46,3 +46,19 @@ pub fn stop_child(child: &mut Child, grace: Duration) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Wait for `child` (spawned with piped stdout and stderr) to exit and return
+/// its output; kill it and panic naming `what` if it runs longer than `limit`.
+pub fn output_within(mut child: Child, limit: Duration, what: &str) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().expect("polling a child process").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{what} ran for more than {} s", limit.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+        .wait_with_output()
+        .expect("collecting a child's output")
+}

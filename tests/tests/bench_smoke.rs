@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kaelix_tests::kaelix_bin;
 use serde_json::Value;
@@ -86,7 +86,7 @@ impl Drop for Broker {
 
 /// Run `kaelix bench --json ARGS` (at most 60 s) and parse its report.
 fn bench(bin: &PathBuf, broker: &Broker, args: &[&str]) -> Value {
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args(["bench", "--json", "--broker", &broker.data.to_string()])
         .args(args)
         .env("KAELIX_LOG", "warn")
@@ -94,15 +94,11 @@ fn bench(bin: &PathBuf, broker: &Broker, args: &[&str]) -> Value {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting kaelix bench");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("polling kaelix bench").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("kaelix bench {args:?} ran for more than 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let output = child.wait_with_output().expect("kaelix bench output");
+    let output = kaelix_tests::output_within(
+        child,
+        Duration::from_secs(60),
+        &format!("kaelix bench {args:?}"),
+    );
     assert!(
         output.status.success(),
         "kaelix bench {args:?} failed: {}",

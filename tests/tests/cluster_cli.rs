@@ -110,7 +110,7 @@ impl Drop for Node {
 
 /// Run `kaelix ARGS` (at most 30 s).
 fn kaelix(bin: &Path, args: &[&str]) -> Output {
-    let mut child = Command::new(bin)
+    let child = Command::new(bin)
         .args(args)
         .env("KAELIX_LOG", "warn")
         .env_remove("KAELIX_ADMIN")
@@ -118,15 +118,7 @@ fn kaelix(bin: &Path, args: &[&str]) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting kaelix");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while child.try_wait().expect("polling kaelix").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("kaelix {args:?} ran for more than 30 s");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().expect("kaelix output")
+    kaelix_tests::output_within(child, Duration::from_secs(30), &format!("kaelix {args:?}"))
 }
 
 /// `kaelix ARGS`, which must succeed; its stdout.
