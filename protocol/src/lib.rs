@@ -45,6 +45,7 @@
 //! - [`FrameError`], [`EncodeError`]: what was wrong, with the facts.
 //! - [`fetch`]: the TCP fetch protocol of remote consumers ([`FetchRequest`],
 //!   [`FetchResponseHeader`], [`FetchRecords`]).
+//! - [`redirect`]: the leader hint a `not_leader` ERROR frame carries.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -53,6 +54,7 @@ mod codec;
 mod error;
 pub mod fetch;
 mod header;
+pub mod redirect;
 
 pub use body::{AckBody, DurabilityLevel, ErrorBody, ErrorCode};
 pub use codec::{Datagram, DatagramBuilder, Frame, FrameFields, Frames, encode_frame, frame_crc};
@@ -62,6 +64,7 @@ pub use fetch::{
     FetchResponseHeader,
 };
 pub use header::{FrameHeader, FrameKind, flags};
+pub use redirect::{LEADER_HINT_MAX, LeaderHint, parse_leader_hint};
 
 /// The two magic bytes at offset 0 of every frame, as a little-endian u16.
 pub const MAGIC: u16 = u16::from_le_bytes(*b"KX");
