@@ -28,4 +28,4 @@ pub use pinning::{CoreSelection, PinError, PinPlan};
 pub use shard::{Shard, ShardConfig, ShardError, ShardLinks, ShardTask};
 pub use sink::{LogSink, SinkBatch, SinkError};
 pub use socket::{SocketBackend, SocketConfig};
-pub use tunables::ShardTunables;
+pub use tunables::{ShardRole, ShardTunables};

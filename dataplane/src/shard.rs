@@ -35,7 +35,7 @@ use crate::counters::{BatchCounts, ShardCounters};
 use crate::flow::{Admission, FlowKey, FlowTable};
 use crate::idle::{IdleAction, IdleStrategy, Idler};
 use crate::sink::{LogSink, SinkBatch, SinkError};
-use crate::tunables::ShardTunables;
+use crate::tunables::{ShardRole, ShardTunables};
 
 /// Control commands drained per cycle (keeps a flood of commands from starving traffic).
 pub const COMMANDS_PER_CYCLE: usize = 16;
@@ -109,6 +109,9 @@ struct Book {
     dirty: Vec<FlowKey>,
     rejections: Vec<Rejection>,
     counts: BatchCounts,
+    /// The shard's role ([`ShardTunables::set_role`]): a following shard
+    /// rejects DATA and HEARTBEAT frames with `not_leader` and this hint.
+    role: ShardRole,
 }
 
 impl Book {
@@ -264,6 +267,10 @@ impl<S: LogSink> Ingest<S> {
                 }
             };
             match frame.kind() {
+                FrameKind::Data | FrameKind::Heartbeat if book.role != ShardRole::Leading => {
+                    book.reject_frame(&frame, peer, ErrorCode::NotLeader, 0);
+                    continue;
+                }
                 FrameKind::Data => {}
                 FrameKind::Heartbeat => {
                     book.on_heartbeat(&frame, peer, sink.stream_level(frame.stream_id()));
@@ -428,6 +435,7 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
                     dirty: Vec::with_capacity(config.initial_flows),
                     rejections: Vec::with_capacity(ERROR_REPLIES_MAX),
                     counts: BatchCounts::default(),
+                    role: ShardRole::Leading,
                 },
             },
             idler: Idler::new(config.idle),
@@ -462,12 +470,14 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
                 IdleAction::Spin => std::hint::spin_loop(),
                 IdleAction::Yield => std::thread::yield_now(),
                 IdleAction::Park(timeout) => {
-                    // Data waiting for a flush must not wait a whole park.
-                    let timeout = if self.waiting.is_empty() {
-                        timeout
-                    } else {
-                        timeout.min(Duration::from_micros(50))
-                    };
+                    // Data waiting for a flush, and a following shard's
+                    // replication commands, must not wait a whole park.
+                    let timeout =
+                        if self.waiting.is_empty() && self.ingest.book.role == ShardRole::Leading {
+                            timeout
+                        } else {
+                            timeout.min(Duration::from_micros(50))
+                        };
                     self.backend
                         .wait_readable(timeout)
                         .map_err(|source| ShardError::Backend {
@@ -494,6 +504,7 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
         if generation != self.tunables_seen {
             self.tunables_seen = generation;
             self.ingest.book.window = u64::from(self.tunables.credit_window().max(1));
+            self.ingest.book.role = self.tunables.role();
             self.idler = Idler::new(self.tunables.idle());
         }
 
@@ -605,7 +616,10 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
         }
         for rejection in ingest.rejections.drain(..) {
             let body = ErrorBody::new(rejection.code, rejection.detail);
-            let message = rejection.code.name().as_bytes();
+            let message = match (rejection.code, &ingest.role) {
+                (ErrorCode::NotLeader, ShardRole::Following(hint)) => hint.as_bytes(),
+                _ => rejection.code.name().as_bytes(),
+            };
             let sent = self
                 .backend
                 .queue_tx(&rejection.peer, &mut |buf| {
@@ -873,6 +887,48 @@ mod tests {
         // Only ACKs of new data are timed (the duplicate's and the gap's are not).
         let memory = h.shard.counters.ack_latency[DurabilityLevel::Memory as usize].snapshot();
         assert_eq!(memory.count, 2);
+    }
+
+    #[test]
+    fn a_following_shard_answers_not_leader_with_the_hint_and_appends_nothing() {
+        let mut h = harness(&[(1, DurabilityLevel::Memory)]);
+        let leader: std::net::SocketAddr = "127.0.0.9:7101".parse().unwrap();
+        let hint = kaelix_protocol::LeaderHint::new(Some(leader));
+        h.shard.tunables().set_role(ShardRole::Following(hint));
+        h.send(&[(1, 7, 1), (1, 7, 2)]);
+        // One ERROR datagram per rejected frame.
+        assert_eq!(
+            h.reply(),
+            vec![(FrameKind::Error, 1, 1, Some(ErrorCode::NotLeader))]
+        );
+        assert_eq!(
+            h.reply(),
+            vec![(FrameKind::Error, 1, 2, Some(ErrorCode::NotLeader))]
+        );
+        assert!(h.shard.sink().records.is_empty());
+        // The message names the leader.
+        h.send(&[(1, 7, 1)]);
+        h.client.set_nonblocking(true).unwrap();
+        let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let n = loop {
+            h.shard.poll_once().unwrap();
+            if let Ok(n) = h.client.recv(&mut buf) {
+                break n;
+            }
+            assert!(Instant::now() < deadline, "no reply from the shard");
+        };
+        let frame = Datagram::new(&buf[..n]).frames().next().unwrap().unwrap();
+        let (_, message) = frame.error().unwrap();
+        assert_eq!(
+            kaelix_protocol::parse_leader_hint(message),
+            Some(Some(leader))
+        );
+        // Leading again: the same frames are appended and acknowledged.
+        h.shard.tunables().set_role(ShardRole::Leading);
+        h.send(&[(1, 7, 1), (1, 7, 2)]);
+        assert_eq!(h.reply(), vec![(FrameKind::Ack, 1, 2, None)]);
+        assert_eq!(h.shard.sink().records.len(), 2);
     }
 
     #[test]

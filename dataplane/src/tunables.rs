@@ -6,12 +6,17 @@
 //! batches, so a change never lands in the middle of a datagram and no frame
 //! is dropped or appended twice because of it.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use kaelix_protocol::LeaderHint;
 
 use crate::idle::IdleStrategy;
 use crate::shard::ShardConfig;
 
-/// The hot-reloadable part of [`ShardConfig`]: the credit window and the idle strategy.
+/// The hot-reloadable part of [`ShardConfig`]: the credit window and the
+/// idle strategy; and the shard's role in a cluster (whether it leads, and
+/// where its leader is when it does not).
 #[derive(Debug)]
 pub struct ShardTunables {
     generation: AtomicU64,
@@ -20,6 +25,18 @@ pub struct ShardTunables {
     spin_cycles: AtomicU32,
     yield_cycles: AtomicU32,
     park_us: AtomicU32,
+    leading: AtomicBool,
+    leader_hint: Mutex<LeaderHint>,
+}
+
+/// A shard's role: leading (it accepts PRODUCE frames), or following a
+/// leader it names in its `not_leader` replies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardRole {
+    /// Accept PRODUCE frames (the default, and a broker outside a cluster).
+    Leading,
+    /// Reject PRODUCE frames with `not_leader` and this hint.
+    Following(LeaderHint),
 }
 
 impl ShardTunables {
@@ -32,6 +49,8 @@ impl ShardTunables {
             spin_cycles: AtomicU32::new(0),
             yield_cycles: AtomicU32::new(0),
             park_us: AtomicU32::new(0),
+            leading: AtomicBool::new(true),
+            leader_hint: Mutex::new(LeaderHint::default()),
         };
         tunables.store(config.credit_window, config.idle);
         tunables.generation.store(0, Ordering::Release);
@@ -62,7 +81,37 @@ impl ShardTunables {
         }
     }
 
-    /// Bumped by every [`ShardTunables::set`]; load it once per cycle and
+    /// Change the shard's role; the loop applies it between batches, on its
+    /// next cycle.
+    pub fn set_role(&self, role: ShardRole) {
+        match role {
+            ShardRole::Leading => self.leading.store(true, Ordering::Relaxed),
+            ShardRole::Following(hint) => {
+                *self
+                    .leader_hint
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = hint;
+                self.leading.store(false, Ordering::Relaxed);
+            }
+        }
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// The role in force (read by the loop when the generation moved).
+    pub fn role(&self) -> ShardRole {
+        if self.leading.load(Ordering::Relaxed) {
+            ShardRole::Leading
+        } else {
+            ShardRole::Following(
+                *self
+                    .leader_hint
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            )
+        }
+    }
+
+    /// Bumped by every [`ShardTunables::set`] and [`ShardTunables::set_role`]; load it once per cycle and
     /// read the values only when it changed.
     #[inline]
     pub fn generation(&self) -> u64 {
@@ -110,5 +159,13 @@ mod tests {
         tunables.set(128, adaptive);
         assert_eq!(tunables.generation(), 2);
         assert_eq!(tunables.idle(), adaptive);
+        assert_eq!(tunables.role(), ShardRole::Leading);
+        let hint = LeaderHint::new(Some("127.0.0.2:7101".parse().unwrap()));
+        tunables.set_role(ShardRole::Following(hint));
+        assert_eq!(tunables.generation(), 3);
+        assert_eq!(tunables.role(), ShardRole::Following(hint));
+        assert_eq!(tunables.credit_window(), 128);
+        tunables.set_role(ShardRole::Leading);
+        assert_eq!(tunables.role(), ShardRole::Leading);
     }
 }
