@@ -62,6 +62,22 @@ impl Idler {
         self.empty = 0;
     }
 
+    /// The poll found nothing while acknowledgements wait for another
+    /// thread (the flusher writing or syncing, replication): what next.
+    ///
+    /// Spinning is replaced by yielding. The thread they wait for may share
+    /// this cpu, and a busy-polling shard (at a real-time priority it never
+    /// loses its cpu to a thread of the same priority) would otherwise hold
+    /// it for the whole spin phase, so every ACK at those levels waits for
+    /// the spin phase to run out (about 15 ms of empty polls). Yielding to
+    /// nobody costs one syscall per empty poll, and only while waiting.
+    pub fn idle_waiting(&mut self) -> IdleAction {
+        match self.idle() {
+            IdleAction::Spin => IdleAction::Yield,
+            action => action,
+        }
+    }
+
     /// The poll found nothing: what next.
     pub fn idle(&mut self) -> IdleAction {
         self.empty = self.empty.saturating_add(1);
@@ -101,6 +117,27 @@ mod tests {
         assert_eq!(idler.idle(), IdleAction::Park(Duration::from_micros(500)));
         idler.busy();
         assert_eq!(idler.idle(), IdleAction::Spin);
+    }
+
+    #[test]
+    fn waiting_for_another_thread_yields_instead_of_spinning() {
+        let mut idler = Idler::new(IdleStrategy::Adaptive {
+            spin_cycles: 2,
+            yield_cycles: 1,
+            park_us: 500,
+        });
+        assert_eq!(idler.idle_waiting(), IdleAction::Yield);
+        assert_eq!(idler.idle_waiting(), IdleAction::Yield);
+        assert_eq!(idler.idle_waiting(), IdleAction::Yield);
+        // Past the spin and yield phases it still parks (briefly, see Shard::run).
+        assert_eq!(
+            idler.idle_waiting(),
+            IdleAction::Park(Duration::from_micros(500))
+        );
+        let mut spin = Idler::new(IdleStrategy::Spin);
+        for _ in 0..1000 {
+            assert_eq!(spin.idle_waiting(), IdleAction::Yield);
+        }
     }
 
     #[test]

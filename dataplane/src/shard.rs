@@ -466,7 +466,13 @@ impl<B: Backend, S: LogSink> Shard<B, S> {
                 continue;
             }
             self.counters.idle_cycles.fetch_add(1, Ordering::Relaxed);
-            match self.idler.idle() {
+            // ACKs waiting for the flusher (or replication): let it have the cpu.
+            let action = if self.waiting.is_empty() {
+                self.idler.idle()
+            } else {
+                self.idler.idle_waiting()
+            };
+            match action {
                 IdleAction::Spin => std::hint::spin_loop(),
                 IdleAction::Yield => std::thread::yield_now(),
                 IdleAction::Park(timeout) => {
