@@ -110,6 +110,22 @@ impl ShardHandle {
             .map_err(|err| format!("shard {} does not take commands: {err}", self.id))
     }
 
+    /// [`ShardHandle::submit`] that hands the task back when the queue is
+    /// full (for callers that retry).
+    pub fn offer(
+        &self,
+        task: ShardTask<ShardLog>,
+    ) -> Result<(), crate::replication::SubmitRefused> {
+        use crate::replication::SubmitRefused;
+        use crossbeam_channel::TrySendError;
+        self.commands.try_send(task).map_err(|err| match err {
+            TrySendError::Full(task) => SubmitRefused::Full(task),
+            TrySendError::Disconnected(_) => {
+                SubmitRefused::Gone(format!("shard {} stopped", self.id))
+            }
+        })
+    }
+
     /// True while the shard's loop thread runs.
     pub fn is_running(&self) -> bool {
         self.loop_thread.as_ref().is_some_and(|t| !t.is_finished())
@@ -433,6 +449,17 @@ impl Broker {
         };
         let mut shard_loop = Shard::new(shard, backend, log, flows, &config.dataplane.shard, links);
         let tunables = shard_loop.tunables();
+        if config
+            .cluster
+            .as_ref()
+            .is_some_and(|cluster| cluster.replication_factor > 0)
+        {
+            // Replicated: no shard takes writes before the cluster names it
+            // leader (controlplane::cluster::shards).
+            tunables.set_role(kaelix_dataplane::ShardRole::Following(
+                kaelix_protocol::LeaderHint::default(),
+            ));
+        }
         let name = format!("kaelix-shard-{shard}");
         let loop_thread = std::thread::Builder::new()
             .name(name.clone())
@@ -598,6 +625,15 @@ pub(crate) fn run_flusher(shard: u32, mut flusher: Flusher, stop: &AtomicBool) {
             }
         }
     }
+}
+
+/// Forget every flow and rebuild them from the log (a shard that followed
+/// another leader and now leads: the log holds the other leader's appends).
+pub(crate) fn reload_flows(log: &mut ShardLog, flows: &mut FlowTable) {
+    flows.forget_flows();
+    let mut reader = log.reader();
+    let streams: Vec<u32> = log.streams().map(|info| info.stream_id).collect();
+    recover_flows(&mut reader, &streams, flows);
 }
 
 /// Rebuild each flow's last appended sequence from the log, so a producer's

@@ -287,6 +287,17 @@ pub struct ClusterSection {
     pub election_timeout_min_ms: u64,
     /// Upper end of the election timeout range.
     pub election_timeout_max_ms: u64,
+    /// Copies of every shard's log kept in the cluster (the leader's
+    /// included); 0 turns data replication off (each broker serves its own
+    /// shards alone). Shards get their replica sets once this many members
+    /// have registered.
+    pub replication_factor: u32,
+    /// TCP address of the data replication listener (followers of the
+    /// shards this broker leads connect there). Port 0 picks a free port.
+    pub replication_addr: SocketAddr,
+    /// A shard leader that does not answer the controller for this long
+    /// (milliseconds) loses its shards to the most complete live replica.
+    pub failover_after_ms: u64,
 }
 
 impl Default for ClusterSection {
@@ -299,6 +310,9 @@ impl Default for ClusterSection {
             heartbeat_ms: 50,
             election_timeout_min_ms: 150,
             election_timeout_max_ms: 300,
+            replication_factor: 0,
+            replication_addr: "127.0.0.1:7005".parse().expect("valid literal"),
+            failover_after_ms: 150,
         }
     }
 }
@@ -594,6 +608,9 @@ impl Config {
         }
         if let Some(cluster) = &self.cluster {
             ports.push(("cluster.addr", cluster.addr));
+            if cluster.replication_factor > 0 {
+                ports.push(("cluster.replication_addr", cluster.replication_addr));
+            }
             self.validate_cluster(cluster, &mut problem);
         }
         for (index, (key, addr)) in ports.iter().enumerate() {
@@ -674,6 +691,33 @@ impl Config {
                 "cluster.election_timeout_min_ms",
                 format!(
                     "{min} is not allowed (10 to 60000, and above cluster.heartbeat_ms = {heartbeat})"
+                ),
+            );
+        }
+        if cluster.replication_factor > 7 {
+            problem(
+                "cluster.replication_factor",
+                format!(
+                    "{} is out of range (allowed: 0 = off, 1 to 7)",
+                    cluster.replication_factor
+                ),
+            );
+        }
+        if cluster.replication_factor > 0 && cluster.replication_addr.ip().is_unspecified() {
+            problem(
+                "cluster.replication_addr",
+                format!(
+                    "{} is a wildcard address; the other members need one they can dial",
+                    cluster.replication_addr
+                ),
+            );
+        }
+        if !(10..=60_000).contains(&cluster.failover_after_ms) {
+            problem(
+                "cluster.failover_after_ms",
+                format!(
+                    "{} is out of range (allowed: 10 to 60000)",
+                    cluster.failover_after_ms
                 ),
             );
         }
@@ -903,6 +947,9 @@ pub const KEYS: &[KeySpec] = &[
     restart("cluster.heartbeat_ms"),
     restart("cluster.election_timeout_min_ms"),
     restart("cluster.election_timeout_max_ms"),
+    restart("cluster.replication_factor"),
+    restart("cluster.replication_addr"),
+    restart("cluster.failover_after_ms"),
 ];
 
 /// The listed spec of `key` or of the key holding it

@@ -150,6 +150,18 @@ impl ControlPlane {
                 node.clone(),
                 stop_rx.clone(),
             )));
+            if let Some(section) = settings
+                .cluster
+                .clone()
+                .filter(|section| section.replication_factor > 0)
+            {
+                tasks.push(tokio::spawn(crate::cluster::shards::run(
+                    state.broker.clone(),
+                    node.clone(),
+                    section,
+                    stop_rx.clone(),
+                )));
+            }
         }
         let cluster_service = cluster.as_ref().map(|node| node.service());
         let service = AdminService::new(state.clone());

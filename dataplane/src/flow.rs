@@ -354,6 +354,13 @@ impl FlowTable {
         self.flows.is_empty()
     }
 
+    /// Forget every flow and every recovered sequence (the log was written
+    /// by another leader meanwhile; recover from it again).
+    pub fn forget_flows(&mut self) {
+        self.flows.clear();
+        self.recovered.clear();
+    }
+
     /// Forget every flow of a deleted stream.
     pub fn remove_stream(&mut self, stream_id: u32) {
         self.flows.retain(|key, _| key.0 as u32 != stream_id);
@@ -461,6 +468,25 @@ mod tests {
         assert_eq!(flow.admit(41, 100), Admission::Duplicate);
         assert_eq!(flow.admit(42, 100), Admission::Append);
         assert_eq!(flow.acked_offset, 7);
+    }
+
+    #[test]
+    fn forgotten_flows_start_again_from_what_is_recovered_next() {
+        let mut table = FlowTable::new(4, 4);
+        let flow = table
+            .get_or_insert(key(), peer(), DurabilityLevel::Memory)
+            .unwrap();
+        assert_eq!(flow.admit(1, 100), Admission::Append);
+        table.forget_flows();
+        assert!(table.is_empty());
+        assert_eq!(table.recovered_len(), 0);
+        // Another leader appended up to 9 meanwhile.
+        table.recover(key(), 9, 20);
+        let flow = table
+            .get_or_insert(key(), peer(), DurabilityLevel::Memory)
+            .unwrap();
+        assert_eq!(flow.admit(9, 100), Admission::Duplicate);
+        assert_eq!(flow.admit(10, 100), Admission::Append);
     }
 
     #[test]

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kaelix_protocol::{ErrorCode, MAX_DATAGRAM_LEN};
 
 use super::config::ProducerConfig;
-use super::route::Routes;
 use super::state::{
     Delivery, FlowAck, ProducerEvent, ProducerState, ProducerStats, SendError, Ticket,
 };
@@ -51,7 +50,7 @@ pub enum ProduceError {
         waited: Duration,
         /// Messages still buffered.
         unacked: usize,
-        /// The broker's address (the first bootstrap broker's).
+        /// The broker's address.
         broker: SocketAddr,
     },
     /// The buffer stayed full for the whole blocking time.
@@ -95,8 +94,8 @@ struct Shared {
 
 struct Inner {
     socket: UdpSocket,
-    /// The first bootstrap broker (for messages).
     broker: SocketAddr,
+    shards: u16,
     local: SocketAddr,
     shared: Mutex<Shared>,
     changed: Condvar,
@@ -107,7 +106,6 @@ struct Inner {
 /// Builds a [`Producer`].
 pub struct ProducerBuilder {
     broker: SocketAddr,
-    brokers: Vec<SocketAddr>,
     config: ProducerConfig,
     shards: u16,
     block_timeout: Duration,
@@ -118,7 +116,6 @@ impl std::fmt::Debug for ProducerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProducerBuilder")
             .field("broker", &self.broker)
-            .field("brokers", &self.brokers)
             .field("config", &self.config)
             .field("shards", &self.shards)
             .field("block_timeout", &self.block_timeout)
@@ -158,18 +155,6 @@ impl ProducerBuilder {
         self
     }
 
-    /// The other brokers of a cluster (their base data addresses, the port
-    /// of shard 0; each shard's address on them is derived as for the
-    /// builder's broker). Every shard starts at the builder's broker and
-    /// follows `not_leader` redirects; when a shard's destination names no
-    /// leader or stays silent for `rotate_after_timeouts` retransmission
-    /// timeouts, the shard moves to the next broker of the list (the
-    /// builder's broker first, then these in order, round and round).
-    pub fn brokers(mut self, brokers: impl IntoIterator<Item = SocketAddr>) -> Self {
-        self.brokers = brokers.into_iter().collect();
-        self
-    }
-
     /// How long `send` blocks while the buffer is full before failing
     /// (default 30 s).
     pub fn block_timeout(mut self, timeout: Duration) -> Self {
@@ -184,17 +169,10 @@ impl ProducerBuilder {
         self
     }
 
-    /// Bind a UDP socket and start the driver thread. A bad setting or
-    /// broker list is an `InvalidInput` error wrapping a
-    /// [`super::ConfigError`] or [`super::RouteError`].
+    /// Bind a UDP socket and start the driver thread.
     pub fn connect(self) -> io::Result<Producer> {
         self.config
             .validate()
-            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
-        let mut bootstrap = Vec::with_capacity(1 + self.brokers.len());
-        bootstrap.push(self.broker);
-        bootstrap.extend_from_slice(&self.brokers);
-        let routes = Routes::new(&bootstrap, self.shards)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
         let bind: SocketAddr = if self.broker.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
@@ -213,10 +191,11 @@ impl ProducerBuilder {
         let inner = Arc::new(Inner {
             socket,
             broker: self.broker,
+            shards: self.shards,
             local,
             shared: Mutex::new(Shared {
                 tx_buf: vec![0; self.config.datagram_len_max],
-                core: ProducerState::with_routes(self.config, routes),
+                core: ProducerState::new(self.config),
                 waiters: HashMap::new(),
                 errors: VecDeque::new(),
                 errors_dropped: 0,
@@ -262,6 +241,18 @@ impl std::fmt::Debug for Producer {
     }
 }
 
+/// The data address of the shard owning `stream_id` on a broker whose
+/// shard 0 listens at `broker` and whose `shards` shards listen on
+/// consecutive ports (shard `stream_id % shards`).
+pub fn shard_destination(broker: SocketAddr, shards: u16, stream_id: u32) -> SocketAddr {
+    let mut addr = broker;
+    if shards > 1 {
+        let shard = (stream_id % u32::from(shards)) as u16;
+        addr.set_port(addr.port().wrapping_add(shard));
+    }
+    addr
+}
+
 fn wall_clock_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -273,7 +264,6 @@ impl Producer {
     pub fn builder(broker: SocketAddr) -> ProducerBuilder {
         ProducerBuilder {
             broker,
-            brokers: Vec::new(),
             config: ProducerConfig::default(),
             shards: 1,
             block_timeout: Duration::from_secs(30),
@@ -294,16 +284,6 @@ impl Producer {
     /// The local address the producer sends from.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local
-    }
-
-    /// Where frames of `stream_id` go now (its shard's current destination:
-    /// the leader it was redirected to, or a bootstrap broker).
-    pub fn destination(&self, stream_id: u32) -> SocketAddr {
-        self.inner
-            .lock()
-            .core
-            .destination(stream_id)
-            .expect("the driver's core has routes")
     }
 
     /// Fire and forget: queue `payload` for `stream_id` and return at once
@@ -496,6 +476,11 @@ impl Inner {
             .0
     }
 
+    /// Where frames of `stream_id` go.
+    fn destination(&self, stream_id: u32) -> SocketAddr {
+        shard_destination(self.broker, self.shards, stream_id)
+    }
+
     /// Wake the driver thread out of its socket wait (a 0-byte datagram to itself).
     fn wake(&self) {
         let _ = self.socket.send_to(&[], self.local);
@@ -509,9 +494,7 @@ impl Inner {
         }
         let Shared { core, tx_buf, .. } = shared;
         while let Some(transmit) = core.poll_transmit(now, tx_buf) {
-            let to = core
-                .destination(transmit.stream_id)
-                .expect("the driver's core has routes");
+            let to = self.destination(transmit.stream_id);
             if self.socket.send_to(&tx_buf[..transmit.len], to).is_err() {
                 shared.send_errors += 1;
             }
@@ -573,16 +556,13 @@ impl Inner {
     fn run(&self) {
         let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
         let mut received = 0;
-        let mut from = self.local;
         loop {
             let wait = {
                 let mut shared = self.lock();
                 let now = Instant::now();
                 shared.io_wake_at = None;
                 if received > 0 {
-                    shared
-                        .core
-                        .handle_datagram_from(now, from, &buf[..received]);
+                    shared.core.handle_datagram(now, &buf[..received]);
                     // Acknowledgements free buffer room that blocked senders wait for.
                     self.changed.notify_all();
                 }
@@ -606,10 +586,7 @@ impl Inner {
                 return;
             }
             match self.socket.recv_from(&mut buf) {
-                Ok((len, peer)) => {
-                    received = len;
-                    from = peer;
-                }
+                Ok((len, _from)) => received = len,
                 Err(err)
                     if matches!(
                         err.kind(),

@@ -42,6 +42,53 @@ pub enum MetadataCommand {
         /// Value as text.
         value: String,
     },
+    /// Where a member serves data replication and its shards' data ports
+    /// (each broker registers itself, and again when they change).
+    RegisterNode {
+        /// The member.
+        node_id: NodeId,
+        /// Its endpoints.
+        endpoints: NodeEndpoints,
+    },
+    /// Give a shard its replica set; its first replica leads, at epoch 1.
+    /// Refused when the shard already has one.
+    AssignShard {
+        /// Shard id.
+        shard: u32,
+        /// Nodes holding a copy, leader first.
+        replicas: Vec<NodeId>,
+    },
+    /// Move a shard's leadership (failover or transfer). Applied only when
+    /// `epoch` is the shard's epoch plus one, so of two controllers racing on
+    /// the same old epoch only the first wins.
+    SetShardLeader {
+        /// Shard id.
+        shard: u32,
+        /// New leader (one of the replicas).
+        leader: NodeId,
+        /// The new epoch.
+        epoch: u64,
+    },
+}
+
+/// A member's data endpoints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEndpoints {
+    /// `host:port` of its replication listener (followers connect there).
+    pub replication_addr: String,
+    /// `host:port` of each of its shards' data ports (index = shard id).
+    pub shard_data_addrs: Vec<String>,
+}
+
+/// A shard's replica set and leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardAssignment {
+    /// Nodes holding a copy.
+    pub replicas: Vec<NodeId>,
+    /// The replica accepting writes.
+    pub leader: NodeId,
+    /// Bumped by every leader change; a leader's term of office.
+    pub epoch: u64,
 }
 
 /// The result of applying one entry.
@@ -77,6 +124,12 @@ pub struct ClusterMetadata {
     pub streams: BTreeMap<u32, StreamInfo>,
     /// Cluster-wide configuration entries.
     pub config: BTreeMap<String, String>,
+    /// Members' data endpoints.
+    #[serde(default)]
+    pub nodes: BTreeMap<NodeId, NodeEndpoints>,
+    /// Shards' replica sets and leaders (when data replication is on).
+    #[serde(default)]
+    pub shards: BTreeMap<u32, ShardAssignment>,
 }
 
 impl ClusterMetadata {
@@ -133,6 +186,55 @@ impl ClusterMetadata {
                 self.config.insert(key.clone(), value.clone());
                 MetadataResponse::Ok
             }
+            MetadataCommand::RegisterNode { node_id, endpoints } => {
+                self.nodes.insert(*node_id, endpoints.clone());
+                MetadataResponse::Ok
+            }
+            MetadataCommand::AssignShard { shard, replicas } => {
+                if self.shards.contains_key(shard) {
+                    return MetadataResponse::Rejected(format!("shard {shard} is assigned"));
+                }
+                let Some(&leader) = replicas.first() else {
+                    return MetadataResponse::Rejected(format!("shard {shard}: no replicas"));
+                };
+                let mut unique = replicas.clone();
+                unique.sort_unstable();
+                unique.dedup();
+                if unique.len() != replicas.len() {
+                    return MetadataResponse::Rejected(format!(
+                        "shard {shard}: a node appears twice in {replicas:?}"
+                    ));
+                }
+                self.shards.insert(
+                    *shard,
+                    ShardAssignment {
+                        replicas: replicas.clone(),
+                        leader,
+                        epoch: 1,
+                    },
+                );
+                MetadataResponse::Ok
+            }
+            MetadataCommand::SetShardLeader {
+                shard,
+                leader,
+                epoch,
+            } => match self.shards.get_mut(shard) {
+                None => MetadataResponse::Rejected(format!("shard {shard} is not assigned")),
+                Some(s) if !s.replicas.contains(leader) => MetadataResponse::Rejected(format!(
+                    "node {leader} is not a replica of shard {shard}"
+                )),
+                Some(s) if *epoch != s.epoch + 1 => MetadataResponse::Rejected(format!(
+                    "shard {shard} is at epoch {}, not {}",
+                    s.epoch,
+                    epoch - 1
+                )),
+                Some(s) => {
+                    s.leader = *leader;
+                    s.epoch = *epoch;
+                    MetadataResponse::Ok
+                }
+            },
         }
     }
 }
@@ -140,6 +242,59 @@ impl ClusterMetadata {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shard_leaders_move_one_epoch_at_a_time_among_the_replicas() {
+        let mut md = ClusterMetadata::default();
+        let assign = MetadataCommand::AssignShard {
+            shard: 0,
+            replicas: vec![2, 3, 1],
+        };
+        assert_eq!(md.apply(&assign), MetadataResponse::Ok);
+        assert_eq!(
+            md.shards[&0],
+            ShardAssignment {
+                replicas: vec![2, 3, 1],
+                leader: 2,
+                epoch: 1
+            }
+        );
+        assert!(matches!(md.apply(&assign), MetadataResponse::Rejected(_)));
+        let twice = MetadataCommand::AssignShard {
+            shard: 1,
+            replicas: vec![1, 1],
+        };
+        assert!(matches!(md.apply(&twice), MetadataResponse::Rejected(_)));
+        let move_to = |leader, epoch| MetadataCommand::SetShardLeader {
+            shard: 0,
+            leader,
+            epoch,
+        };
+        // A stale or skipping epoch, or a non-replica, is refused.
+        assert!(matches!(
+            md.apply(&move_to(3, 1)),
+            MetadataResponse::Rejected(_)
+        ));
+        assert!(matches!(
+            md.apply(&move_to(3, 3)),
+            MetadataResponse::Rejected(_)
+        ));
+        assert!(matches!(
+            md.apply(&move_to(4, 2)),
+            MetadataResponse::Rejected(_)
+        ));
+        assert_eq!(md.apply(&move_to(3, 2)), MetadataResponse::Ok);
+        // The loser of a race on epoch 1 -> 2 is refused.
+        assert!(matches!(
+            md.apply(&move_to(1, 2)),
+            MetadataResponse::Rejected(_)
+        ));
+        assert_eq!((md.shards[&0].leader, md.shards[&0].epoch), (3, 2));
+        // Snapshots written before these fields existed still load.
+        let old = r#"{"members":{},"streams":{},"config":{}}"#;
+        let loaded: ClusterMetadata = serde_json::from_str(old).unwrap();
+        assert!(loaded.shards.is_empty() && loaded.nodes.is_empty());
+    }
 
     #[test]
     fn create_stream_twice_is_rejected_and_leader_must_be_a_replica() {

@@ -32,6 +32,7 @@ pub mod metadata;
 pub mod network;
 pub mod node;
 pub mod pb;
+pub(crate) mod shards;
 pub mod state_machine;
 #[cfg(test)]
 mod storage_suite_tests;
@@ -41,8 +42,13 @@ use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
-pub use metadata::{ClusterMetadata, MetadataCommand, MetadataResponse, StreamInfo};
-pub use node::{ClusterNode, ClusterNodeConfig, ClusterStatus, FollowerProgress, ProposeError};
+pub use metadata::{
+    ClusterMetadata, MetadataCommand, MetadataResponse, NodeEndpoints, ShardAssignment, StreamInfo,
+};
+pub use node::{
+    ClusterNode, ClusterNodeConfig, ClusterStatus, FollowerProgress, PositionSource, ProposeError,
+    ShardPosition, shard_positions,
+};
 
 /// A node's identifier in the Raft group.
 pub type NodeId = u64;

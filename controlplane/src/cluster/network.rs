@@ -341,4 +341,17 @@ impl ClusterRaft for RaftService {
         };
         Ok(Response::new(node::membership_reply(result)))
     }
+
+    async fn shard_positions(
+        &self,
+        _request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let positions = match self.local.positions.get() {
+            Some(source) => source(),
+            None => Vec::new(),
+        };
+        encode(&positions)
+            .map(Response::new)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
 }

@@ -169,7 +169,29 @@ pub(crate) struct Local {
     pub(crate) addr: MemberAddr,
     /// The applied metadata (streams and config for `Status`).
     pub(crate) state_machine: StateMachineStore,
+    /// Where this broker's shard logs end (set once data replication runs).
+    pub(crate) positions: std::sync::OnceLock<PositionSource>,
 }
+
+/// Where one shard's log ends on a node, as the failover controller asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShardPosition {
+    /// Shard id.
+    pub shard: u32,
+    /// The log's appended position.
+    pub appended: u64,
+    /// The node leads the shard now.
+    pub leading: bool,
+    /// The leader epoch this node's log of the shard is known to agree
+    /// with: the epoch it leads, or the last epoch whose leader it followed
+    /// (a session accepted by that leader); 0 since it started otherwise.
+    /// Only replicas at the shard's current epoch may take over.
+    #[serde(default)]
+    pub epoch: u64,
+}
+
+/// Reads a broker's [`ShardPosition`]s.
+pub type PositionSource = std::sync::Arc<dyn Fn() -> Vec<ShardPosition> + Send + Sync>;
 
 impl Local {
     /// Propose on this node; fails with `NotLeader` unless it leads.
@@ -370,6 +392,7 @@ impl ClusterNode {
             raft: raft.clone(),
             addr: addr.clone(),
             state_machine: state_machine.clone(),
+            positions: std::sync::OnceLock::new(),
         });
         let service = ClusterRaftServer::new(RaftService::new(local.clone()))
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
@@ -483,6 +506,11 @@ impl ClusterNode {
             },
             ok => ok,
         }
+    }
+
+    /// Answer `ShardPositions` from `source` (once; later calls are ignored).
+    pub fn set_position_source(&self, source: PositionSource) {
+        let _ = self.local.positions.set(source);
     }
 
     /// A copy of this node's applied metadata.
@@ -636,4 +664,24 @@ fn membership_result(reply: MembershipReply) -> Result<(), ProposeError> {
     } else {
         Err(ProposeError::Membership(reply.error))
     }
+}
+
+/// Ask the node at `addr` (its cluster address) where its shard logs end.
+pub async fn shard_positions(
+    addr: &str,
+    timeout: Duration,
+) -> Result<Vec<ShardPosition>, ProposeError> {
+    let call = async {
+        let mut client = network::client(addr).map_err(|e| unreachable(addr, e))?;
+        let request = network::encode(&()).map_err(|e| unreachable(addr, e))?;
+        let reply = client
+            .shard_positions(request)
+            .await
+            .map_err(|s| unreachable(addr, s))?;
+        network::decode::<Vec<ShardPosition>>(reply.get_ref())
+            .map_err(|e| unreachable(addr, format!("undecodable reply: {e}")))
+    };
+    tokio::time::timeout(timeout, call)
+        .await
+        .map_err(|_| unreachable(addr, format!("no answer within {timeout:?}")))?
 }

@@ -9,7 +9,11 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use kaelix_storage::{LogConfig, OpenError, ReplicaError, ShardLog, StreamConfig};
+use kaelix_dataplane::ShardTask;
+use kaelix_storage::{
+    CommitPositions, LogConfig, OpenError, Positions, ReplicaError, ReplicaTail, ShardLog,
+    StreamConfig,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -58,6 +62,39 @@ pub enum FollowerError {
     /// The follower task panicked or was cancelled.
     #[error("follower task: {0}")]
     Task(String),
+    /// The log's tail differs from the leader's and must be truncated, which
+    /// a log in use by its shard cannot be: restart the broker (it truncates
+    /// before it opens its shards).
+    #[error(
+        "shard {shard}: the log has a tail the leader does not (from segment {segment}); \
+         restart the broker to truncate it"
+    )]
+    Divergent {
+        /// The shard.
+        shard: u32,
+        /// The first segment to drop.
+        segment: u64,
+    },
+    /// The shard's thread does not take commands any more.
+    #[error("shard {shard}: {reason}")]
+    Shard {
+        /// The shard.
+        shard: u32,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How a follower reaches a log that a running shard owns: it runs its
+/// appends on the shard's thread (one command per received read).
+pub type ShardSubmit = Arc<dyn Fn(ShardTask<ShardLog>) -> Result<(), SubmitRefused> + Send + Sync>;
+
+/// Why a shard did not take a command.
+pub enum SubmitRefused {
+    /// Its queue is full: here is the command back, try again.
+    Full(ShardTask<ShardLog>),
+    /// The shard stopped.
+    Gone(String),
 }
 
 /// A follower's state, for status and tests.
@@ -106,11 +143,49 @@ impl ReplicaFollower {
         replication: ReplicationConfig,
     ) -> Result<Self, FollowerError> {
         let log = open_log(config.shard, config.log.clone(), config.streams.clone()).await?;
+        Ok(Self::spawn(
+            config,
+            replication,
+            FollowerLog::Owned(Box::new(log)),
+        ))
+    }
+
+    /// Follow into the log of a running shard (its appends run on the
+    /// shard's thread through `submit`; `commit` is that log's
+    /// [`ShardLog::commit_positions`]). The caller has created the shard's
+    /// streams and set the shard to follow. A divergent tail cannot be
+    /// truncated here: the follower stops with [`FollowerError::Divergent`].
+    pub fn start_on_shard(
+        config: FollowerConfig,
+        replication: ReplicationConfig,
+        submit: ShardSubmit,
+        commit: CommitPositions,
+    ) -> Self {
+        // Consumers of a replica never see beyond the leader's commit.
+        let own = commit.positions();
+        commit.attach(own.replicated.min(own.appended), own.replicated_synced);
+        Self::spawn(
+            config,
+            replication,
+            FollowerLog::Shard(ShardLogAccess {
+                submit,
+                commit,
+                buffer: Some(Vec::new()),
+            }),
+        )
+    }
+
+    fn spawn(config: FollowerConfig, replication: ReplicationConfig, log: FollowerLog) -> Self {
         let shared = Arc::new(Shared::default());
         log.publish_status(&shared);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(run(config, replication, log, shared.clone(), stop_rx));
-        Ok(Self { shared, stop, task })
+        Self { shared, stop, task }
+    }
+
+    /// True once the follower stopped (on its own: see [`ReplicaFollower::shutdown`]'s result).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
     }
 
     /// Where the follower is.
@@ -141,6 +216,119 @@ impl ReplicaFollower {
     }
 }
 
+/// The log a follower writes: its own, or a running shard's.
+enum FollowerLog {
+    Owned(Box<OwnedLog>),
+    Shard(ShardLogAccess),
+}
+
+/// A running shard's log, reached through its command queue.
+struct ShardLogAccess {
+    submit: ShardSubmit,
+    commit: CommitPositions,
+    /// The copy of received records handed to the shard's thread and back.
+    buffer: Option<Vec<u8>>,
+}
+
+impl ShardLogAccess {
+    /// Run `work` on the shard's thread and wait for its answer (retrying
+    /// while the shard's queue is full).
+    async fn call<T: Send + 'static>(
+        &self,
+        shard: u32,
+        work: impl FnOnce(&mut ShardLog) -> T + Send + 'static,
+    ) -> Result<T, FollowerError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut task: ShardTask<ShardLog> = Box::new(move |log, _flows| {
+            let _ = tx.send(work(log));
+        });
+        loop {
+            match (self.submit)(task) {
+                Ok(()) => break,
+                Err(SubmitRefused::Full(back)) => {
+                    task = back;
+                    tokio::time::sleep(std::time::Duration::from_micros(100)).await;
+                }
+                Err(SubmitRefused::Gone(reason)) => {
+                    return Err(FollowerError::Shard { shard, reason });
+                }
+            }
+        }
+        rx.await.map_err(|_| FollowerError::Shard {
+            shard,
+            reason: "the shard stopped before running a replication command".into(),
+        })
+    }
+}
+
+impl FollowerLog {
+    fn publish_status(&self, shared: &Shared) {
+        let positions = self.positions();
+        shared.appended.store(positions.appended, Ordering::Release);
+        shared.synced.store(positions.synced, Ordering::Release);
+    }
+
+    fn positions(&self) -> Positions {
+        match self {
+            Self::Owned(owned) => owned.log.positions(),
+            Self::Shard(access) => access.commit.positions(),
+        }
+    }
+
+    fn commit_positions(&self) -> CommitPositions {
+        match self {
+            Self::Owned(owned) => owned.log.commit_positions(),
+            Self::Shard(access) => access.commit.clone(),
+        }
+    }
+
+    async fn replica_tail(&mut self, shard: u32) -> Result<ReplicaTail, SessionError> {
+        match self {
+            Self::Owned(owned) => Ok(owned.log.replica_tail()),
+            Self::Shard(access) => access
+                .call(shard, |log| log.replica_tail())
+                .await
+                .map_err(|err| SessionError::Protocol(err.to_string())),
+        }
+    }
+
+    async fn append_replica(
+        &mut self,
+        shard: u32,
+        position: u64,
+        records: &[u8],
+        sync: bool,
+    ) -> Result<(), SessionError> {
+        match self {
+            Self::Owned(owned) => {
+                owned.log.append_replica(position, records, sync)?;
+                Ok(())
+            }
+            Self::Shard(access) => {
+                let mut buffer = access.buffer.take().unwrap_or_default();
+                buffer.clear();
+                buffer.extend_from_slice(records);
+                let (buffer, appended) = access
+                    .call(shard, move |log| {
+                        let appended = log.append_replica(position, &buffer, sync).map(|_| ());
+                        (buffer, appended)
+                    })
+                    .await
+                    .map_err(|err| SessionError::Protocol(err.to_string()))?;
+                access.buffer = Some(buffer);
+                appended?;
+                Ok(())
+            }
+        }
+    }
+
+    fn close(self) {
+        if let Self::Owned(owned) = self {
+            owned.close();
+        }
+    }
+}
+
 /// The follower's log with its flusher thread.
 struct OwnedLog {
     log: ShardLog,
@@ -150,12 +338,6 @@ struct OwnedLog {
 }
 
 impl OwnedLog {
-    fn publish_status(&self, shared: &Shared) {
-        let positions = self.log.positions();
-        shared.appended.store(positions.appended, Ordering::Release);
-        shared.synced.store(positions.synced, Ordering::Release);
-    }
-
     /// Stop the flusher after it synced everything, then close the log.
     fn close(mut self) -> LogConfig {
         self.flusher_stop.store(true, Ordering::Release);
@@ -223,7 +405,7 @@ enum Outcome {
 async fn run(
     config: FollowerConfig,
     replication: ReplicationConfig,
-    mut log: OwnedLog,
+    mut log: FollowerLog,
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), FollowerError> {
@@ -237,11 +419,21 @@ async fn run(
         match outcome {
             Ok(Outcome::Stopped) => break Ok(()),
             Ok(Outcome::Truncate(segment)) => {
+                let owned = match log {
+                    FollowerLog::Owned(owned) => owned,
+                    FollowerLog::Shard(_) => {
+                        shared.truncations.fetch_add(1, Ordering::AcqRel);
+                        return Err(FollowerError::Divergent {
+                            shard: config.shard,
+                            segment,
+                        });
+                    }
+                };
                 tracing::info!(shard = config.shard, segment, "truncating the replica log");
                 let streams = config.streams.clone();
                 let shard = config.shard;
                 let truncated = tokio::task::spawn_blocking(move || {
-                    let log_config = log.close();
+                    let log_config = owned.close();
                     let dropped =
                         kaelix_storage::replica::truncate_segments(&log_config.dir, segment)
                             .map_err(FollowerError::Truncate);
@@ -252,7 +444,7 @@ async fn run(
                 .map_err(|err| FollowerError::Task(err.to_string()));
                 match truncated {
                     Ok((Ok(_), Ok(reopened))) => {
-                        log = reopened;
+                        log = FollowerLog::Owned(Box::new(reopened));
                         log.publish_status(&shared);
                         shared.truncations.fetch_add(1, Ordering::AcqRel);
                     }
@@ -279,7 +471,7 @@ async fn run(
 async fn session(
     config: &FollowerConfig,
     replication: &ReplicationConfig,
-    log: &mut OwnedLog,
+    log: &mut FollowerLog,
     shared: &Shared,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<Outcome, SessionError> {
@@ -290,7 +482,7 @@ async fn session(
     stream.set_nodelay(true)?;
     let (mut rd, mut wr) = stream.into_split();
     let mut out = Vec::with_capacity(256);
-    let tail = log.log.replica_tail();
+    let tail = log.replica_tail(config.shard).await?;
     wire::encode_hello(
         &mut out,
         config.shard,
@@ -335,7 +527,7 @@ async fn session(
         from = tail.position,
         "following the leader"
     );
-    let commit = log.log.commit_positions();
+    let commit = log.commit_positions();
     let mut acked = (u64::MAX, u64::MAX);
     let mut last_activity = Instant::now();
     loop {
@@ -354,8 +546,8 @@ async fn session(
                 ));
             };
             if !records.is_empty() {
-                log.log
-                    .append_replica(position, records, replication.follower_sync)?;
+                log.append_replica(config.shard, position, records, replication.follower_sync)
+                    .await?;
             }
             commit.publish(replicated, commit_synced);
             shared.commit.store(replicated, Ordering::Release);
@@ -374,7 +566,7 @@ async fn session(
         if inbuf.capacity() < room {
             inbuf.reserve(room - inbuf.len());
         }
-        let positions = log.log.positions();
+        let positions = log.positions();
         let now = (positions.appended, positions.synced);
         if now != acked {
             out.clear();

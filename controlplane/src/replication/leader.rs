@@ -40,6 +40,21 @@ impl LeaderShard {
     /// # Panics
     /// With more than 15 followers.
     pub fn new(shard: u32, log: &ShardLog, followers: &[u64]) -> Self {
+        Self::from_parts(shard, log.raw_reader(), log.commit_positions(), followers)
+    }
+
+    /// [`LeaderShard::new`] from a log's [`ShardLog::raw_reader`] and
+    /// [`ShardLog::commit_positions`] (taken on the shard's thread of a
+    /// running broker).
+    ///
+    /// # Panics
+    /// With more than 15 followers.
+    pub fn from_parts(
+        shard: u32,
+        raw: RawReader,
+        commit: CommitPositions,
+        followers: &[u64],
+    ) -> Self {
         assert!(
             followers.len() < REPLICAS_MAX,
             "at most {} followers",
@@ -47,8 +62,8 @@ impl LeaderShard {
         );
         Self {
             shard,
-            raw: log.raw_reader(),
-            commit: log.commit_positions(),
+            raw,
+            commit,
             followers: followers.to_vec(),
         }
     }

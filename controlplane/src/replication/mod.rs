@@ -37,7 +37,9 @@ pub mod wire;
 
 use std::time::Duration;
 
-pub use follower::{FollowerConfig, FollowerError, FollowerStatus, ReplicaFollower};
+pub use follower::{
+    FollowerConfig, FollowerError, FollowerStatus, ReplicaFollower, ShardSubmit, SubmitRefused,
+};
 pub use leader::{FollowerProgress, LeaderShard, ReplicationLeader};
 
 /// Settings of the replication transport, both roles.

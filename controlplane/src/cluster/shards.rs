@@ -1,0 +1,568 @@
+//! Data replication in a running cluster: who leads each shard, and the
+//! failover controller.
+//!
+//! Every member runs [`run`] when `cluster.replication_factor` > 0:
+//!
+//! - **Registration.** The broker records its replication listener and its
+//!   shards' data addresses in the metadata (`RegisterNode`).
+//! - **Reconciling roles.** For each of its shards the metadata names a
+//!   leader (`shards`, with an epoch). A shard this broker leads accepts
+//!   writes (its flows rebuilt from the log first, so retransmits of what
+//!   another leader appended are recognised) and is served to its followers
+//!   by one [`ReplicationLeader`]; a shard it follows rejects writes with a
+//!   `not_leader` hint naming the leader's data address and appends what the
+//!   leader sends ([`ReplicaFollower::start_on_shard`]). Until a shard is
+//!   assigned, nobody takes writes for it.
+//! - **Controller** (on the Raft leader only). Once `replication_factor`
+//!   members have registered, it gives every unassigned shard a replica set
+//!   (leaders spread round-robin). It asks every member where its shard logs
+//!   end (`ShardPositions`) every third of `failover_after_ms`; a shard
+//!   leader that has not answered for `failover_after_ms` loses its shards
+//!   to the live replica whose log goes furthest, provided a majority of the
+//!   replica set is live (an acknowledged `replicated` write is on a
+//!   majority, so on at least one live replica, and the one that goes
+//!   furthest has it).
+//!
+//! Limits (see docs/cluster.md): a former leader whose log has a tail the
+//! new leader lacks must be restarted (it truncates that tail at start);
+//! streams created at runtime are not replicated yet (declare replicated
+//! streams in every broker's `[[streams]]`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use kaelix_dataplane::ShardRole;
+use kaelix_protocol::LeaderHint;
+use tokio::sync::watch;
+
+use super::node::{ShardPosition, shard_positions};
+use super::{ClusterMetadata, ClusterNode, MetadataCommand, NodeEndpoints, NodeId};
+use crate::broker::Broker;
+use crate::config::ClusterSection;
+use crate::replication::{
+    FollowerConfig, LeaderShard, ReplicaFollower, ReplicationConfig, ReplicationLeader, ShardSubmit,
+};
+
+/// What this broker does with one of its shards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// No replica set yet, or not a replica: take no writes.
+    Idle(Option<SocketAddr>),
+    /// Lead at this epoch, with these followers.
+    Lead { epoch: u64, followers: Vec<NodeId> },
+    /// Follow this leader at this epoch.
+    Follow {
+        epoch: u64,
+        leader: NodeId,
+        replication: SocketAddr,
+        hint: Option<SocketAddr>,
+    },
+}
+
+struct Local {
+    broker: Arc<Broker>,
+    node: Arc<ClusterNode>,
+    settings: ClusterSection,
+    replication: ReplicationConfig,
+    roles: Vec<Role>,
+    followers: HashMap<u32, ReplicaFollower>,
+    leader: Option<ReplicationLeader>,
+    /// Where the replication listener is (its port stays across restarts).
+    replication_addr: SocketAddr,
+    /// Per shard, the epoch its log agrees with ([`ShardPosition::epoch`]).
+    agreed: Arc<Vec<AtomicU64>>,
+}
+
+/// Run until `stop` turns true.
+pub(crate) async fn run(
+    broker: Arc<Broker>,
+    node: Arc<ClusterNode>,
+    settings: ClusterSection,
+    mut stop: watch::Receiver<bool>,
+) {
+    let agreed: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..broker.shards().len())
+            .map(|_| AtomicU64::new(0))
+            .collect(),
+    );
+    let position_broker = broker.clone();
+    let position_epochs = agreed.clone();
+    node.set_position_source(Arc::new(move || {
+        positions(&position_broker, &position_epochs)
+    }));
+    let replication = ReplicationConfig::default();
+    // Bind the listener now so its address can be registered.
+    let leader = match ReplicationLeader::start(
+        settings.replication_addr,
+        Vec::new(),
+        replication.clone(),
+    )
+    .await
+    {
+        Ok(leader) => leader,
+        Err(err) => {
+            tracing::error!(
+                addr = %settings.replication_addr,
+                error = %err,
+                "cluster.replication_addr cannot be bound: this broker takes no part in data replication"
+            );
+            return;
+        }
+    };
+    let shards = broker.shards().len();
+    let mut local = Local {
+        replication_addr: leader.local_addr(),
+        leader: Some(leader),
+        broker,
+        node,
+        settings,
+        replication,
+        roles: vec![Role::Idle(None); shards],
+        followers: HashMap::new(),
+        agreed,
+    };
+    let mut controller = Controller::default();
+    let tick = Duration::from_millis((local.settings.failover_after_ms / 3).max(5));
+    let mut last_register = None::<Instant>;
+    loop {
+        let metadata = local.node.metadata();
+        let endpoints = local.endpoints();
+        if metadata.nodes.get(&local.node.id()) != Some(&endpoints)
+            && last_register.is_none_or(|at: Instant| at.elapsed() > Duration::from_millis(500))
+        {
+            last_register = Some(Instant::now());
+            let command = MetadataCommand::RegisterNode {
+                node_id: local.node.id(),
+                endpoints,
+            };
+            if let Err(err) = local.node.propose(command).await {
+                tracing::debug!(error = %err, "registering this broker's data endpoints; will retry");
+            }
+        }
+        local.reconcile(&metadata).await;
+        let metrics = local.node.raft().metrics().borrow().clone();
+        if metrics.current_leader == Some(local.node.id()) {
+            controller.tick(&local, &metadata).await;
+        } else {
+            controller = Controller::default();
+        }
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(tick) => {}
+        }
+    }
+    for (_, follower) in local.followers.drain() {
+        let _ = follower.shutdown().await;
+    }
+    if let Some(leader) = local.leader.take() {
+        leader.shutdown().await;
+    }
+}
+
+/// Where each shard's log ends here, whether this broker leads it, and the
+/// epoch the log agrees with.
+fn positions(broker: &Broker, agreed: &[AtomicU64]) -> Vec<ShardPosition> {
+    broker
+        .shards()
+        .iter()
+        .map(|shard| ShardPosition {
+            shard: shard.id,
+            appended: shard.reader.positions().appended,
+            leading: shard.tunables.role() == ShardRole::Leading,
+            epoch: agreed
+                .get(shard.id as usize)
+                .map_or(0, |e| e.load(Ordering::Acquire)),
+        })
+        .collect()
+}
+
+impl Local {
+    fn endpoints(&self) -> NodeEndpoints {
+        NodeEndpoints {
+            replication_addr: self.replication_addr.to_string(),
+            shard_data_addrs: self
+                .broker
+                .shards()
+                .iter()
+                .map(|shard| shard.data_addr.to_string())
+                .collect(),
+        }
+    }
+
+    /// The role the metadata gives shard `shard` on this broker.
+    fn wanted(&self, metadata: &ClusterMetadata, shard: u32) -> Role {
+        let me = self.node.id();
+        let Some(assignment) = metadata.shards.get(&shard) else {
+            return Role::Idle(None);
+        };
+        let leader_data = metadata
+            .nodes
+            .get(&assignment.leader)
+            .and_then(|n| n.shard_data_addrs.get(shard as usize))
+            .and_then(|addr| addr.parse().ok());
+        if assignment.leader == me {
+            return Role::Lead {
+                epoch: assignment.epoch,
+                followers: assignment
+                    .replicas
+                    .iter()
+                    .copied()
+                    .filter(|id| *id != me)
+                    .collect(),
+            };
+        }
+        if !assignment.replicas.contains(&me) {
+            return Role::Idle(leader_data);
+        }
+        let replication = metadata
+            .nodes
+            .get(&assignment.leader)
+            .and_then(|n| n.replication_addr.parse().ok());
+        match replication {
+            Some(replication) => Role::Follow {
+                epoch: assignment.epoch,
+                leader: assignment.leader,
+                replication,
+                hint: leader_data,
+            },
+            // The leader has not registered its endpoints yet.
+            None => Role::Idle(leader_data),
+        }
+    }
+
+    async fn reconcile(&mut self, metadata: &ClusterMetadata) {
+        let mut leaders_changed = false;
+        for index in 0..self.roles.len() {
+            let shard = index as u32;
+            // A follower whose session the leader accepted agrees with
+            // that leader's epoch (kept when the leader dies: its log is a
+            // prefix of that leader's).
+            if let Role::Follow { epoch, .. } = &self.roles[index]
+                && self
+                    .followers
+                    .get(&shard)
+                    .is_some_and(|f| f.status().connected)
+            {
+                self.agreed[index].store(*epoch, Ordering::Release);
+            }
+            let wanted = self.wanted(metadata, shard);
+            // A follower that stopped on its own (divergent log, shard gone)
+            // is started again on the next change only; say why once.
+            if let Some(follower) = self.followers.get(&shard)
+                && follower.is_finished()
+                && let Some(follower) = self.followers.remove(&shard)
+                && let Err(err) = follower.shutdown().await
+            {
+                tracing::error!(shard, error = %err, "replication follower stopped");
+            }
+            if wanted == self.roles[index] {
+                continue;
+            }
+            let handle = &self.broker.shards()[index];
+            if let Some(follower) = self.followers.remove(&shard) {
+                let _ = follower.shutdown().await;
+            }
+            if matches!(self.roles[index], Role::Lead { .. }) {
+                leaders_changed = true;
+            }
+            match &wanted {
+                Role::Idle(hint) => {
+                    self.agreed[index].store(0, Ordering::Release);
+                    handle
+                        .tunables
+                        .set_role(ShardRole::Following(LeaderHint::new(*hint)));
+                }
+                Role::Lead { epoch, .. } => {
+                    // Rebuild duplicate detection from the log (it holds
+                    // what the previous leader appended), then take writes.
+                    if let Err(err) = crate::shard_call::call(handle, |log, flows| {
+                        crate::broker::reload_flows(log, flows);
+                    })
+                    .await
+                    {
+                        tracing::error!(shard, error = %err, "taking the lead: rebuilding flows failed; retrying");
+                        continue;
+                    }
+                    handle.tunables.set_role(ShardRole::Leading);
+                    self.agreed[index].store(*epoch, Ordering::Release);
+                    leaders_changed = true;
+                    tracing::info!(shard, epoch, "leading the shard");
+                }
+                Role::Follow {
+                    epoch,
+                    leader,
+                    replication,
+                    hint,
+                } => {
+                    handle
+                        .tunables
+                        .set_role(ShardRole::Following(LeaderHint::new(*hint)));
+                    let commit = match crate::shard_call::call(handle, |log, _| {
+                        log.commit_positions()
+                    })
+                    .await
+                    {
+                        Ok(commit) => commit,
+                        Err(err) => {
+                            tracing::error!(shard, error = %err, "following: the shard does not answer; retrying");
+                            continue;
+                        }
+                    };
+                    let broker = self.broker.clone();
+                    let submit: ShardSubmit =
+                        Arc::new(move |task| broker.shards()[index].offer(task));
+                    let config = FollowerConfig {
+                        node_id: self.node.id(),
+                        shard,
+                        leader: *replication,
+                        log: kaelix_storage::LogConfig::new(self.broker.data_dir()),
+                        streams: Vec::new(),
+                    };
+                    let follower = ReplicaFollower::start_on_shard(
+                        config,
+                        self.replication.clone(),
+                        submit,
+                        commit,
+                    );
+                    self.followers.insert(shard, follower);
+                    tracing::info!(shard, epoch, leader, %replication, "following the shard's leader");
+                }
+            }
+            self.roles[index] = wanted;
+        }
+        if leaders_changed {
+            self.restart_leader().await;
+        }
+    }
+
+    /// Serve the shards led now (the listener keeps its address).
+    async fn restart_leader(&mut self) {
+        if let Some(leader) = self.leader.take() {
+            leader.shutdown().await;
+        }
+        let mut led = Vec::new();
+        for (index, role) in self.roles.iter().enumerate() {
+            let Role::Lead { followers, .. } = role else {
+                continue;
+            };
+            let handle = &self.broker.shards()[index];
+            match crate::shard_call::call(handle, |log, _| {
+                (log.raw_reader(), log.commit_positions())
+            })
+            .await
+            {
+                Ok((raw, commit)) => {
+                    led.push(LeaderShard::from_parts(
+                        index as u32,
+                        raw,
+                        commit,
+                        followers,
+                    ));
+                }
+                Err(err) => {
+                    tracing::error!(shard = index, error = %err, "cannot serve the shard to its followers");
+                }
+            }
+        }
+        // The old listener is closed; rebinding its port may take a moment.
+        for attempt in 0..50 {
+            match ReplicationLeader::start(
+                self.replication_addr,
+                std::mem::take(&mut led),
+                self.replication.clone(),
+            )
+            .await
+            {
+                Ok(leader) => {
+                    self.leader = Some(leader);
+                    return;
+                }
+                Err(err) => {
+                    if attempt == 49 {
+                        tracing::error!(addr = %self.replication_addr, error = %err, "the replication listener cannot be bound again");
+                        return;
+                    }
+                    // `led` was consumed: rebuild it on the next attempt.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    led = self.led_shards().await;
+                }
+            }
+        }
+    }
+
+    async fn led_shards(&self) -> Vec<LeaderShard> {
+        let mut led = Vec::new();
+        for (index, role) in self.roles.iter().enumerate() {
+            let Role::Lead { followers, .. } = role else {
+                continue;
+            };
+            let handle = &self.broker.shards()[index];
+            if let Ok((raw, commit)) =
+                crate::shard_call::call(handle, |log, _| (log.raw_reader(), log.commit_positions()))
+                    .await
+            {
+                led.push(LeaderShard::from_parts(
+                    index as u32,
+                    raw,
+                    commit,
+                    followers,
+                ));
+            }
+        }
+        led
+    }
+}
+
+/// The failover controller's memory (reset whenever this node is not the
+/// Raft leader, so a new controller gives every member a full grace period).
+#[derive(Default)]
+struct Controller {
+    /// When each member last answered, and what it said.
+    heard: BTreeMap<NodeId, (Instant, Vec<ShardPosition>)>,
+    started: Option<Instant>,
+}
+
+impl Controller {
+    async fn tick(&mut self, local: &Local, metadata: &ClusterMetadata) {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        let me = local.node.id();
+        let factor = local.settings.replication_factor as usize;
+        // Assign shards once enough members registered.
+        let registered: Vec<NodeId> = metadata
+            .nodes
+            .keys()
+            .copied()
+            .filter(|id| metadata.members.contains_key(id))
+            .collect();
+        if registered.len() >= factor {
+            for shard in 0..local.roles.len() as u32 {
+                if metadata.shards.contains_key(&shard) {
+                    continue;
+                }
+                let replicas = place(&registered, shard, factor);
+                let command = MetadataCommand::AssignShard { shard, replicas };
+                if let Err(err) = local.node.propose(command).await {
+                    tracing::warn!(shard, error = %err, "assigning the shard's replicas");
+                }
+            }
+        }
+        // Ask everybody where their logs end.
+        let timeout = Duration::from_millis(local.settings.failover_after_ms / 2)
+            .max(Duration::from_millis(5));
+        let mut asks = tokio::task::JoinSet::new();
+        for (id, member) in metadata.members.iter().filter(|(id, _)| **id != me) {
+            let addr = member.raft_addr.clone();
+            let id = *id;
+            asks.spawn(async move { (id, shard_positions(&addr, timeout).await) });
+        }
+        while let Some(answer) = asks.join_next().await {
+            if let Ok((id, Ok(positions))) = answer {
+                self.heard.insert(id, (Instant::now(), positions));
+            }
+        }
+        self.heard.insert(
+            me,
+            (Instant::now(), positions(&local.broker, &local.agreed)),
+        );
+        let silent_for = |id: &NodeId| match self.heard.get(id) {
+            Some((at, _)) => at.elapsed(),
+            None => started.elapsed(),
+        };
+        let limit = Duration::from_millis(local.settings.failover_after_ms);
+        for (shard, assignment) in &metadata.shards {
+            if silent_for(&assignment.leader) < limit {
+                continue;
+            }
+            let live: Vec<(NodeId, u64)> = assignment
+                .replicas
+                .iter()
+                .filter(|id| **id != assignment.leader && silent_for(id) < limit)
+                .filter_map(|id| {
+                    let (_, positions) = self.heard.get(id)?;
+                    let position = positions.iter().find(|p| p.shard == *shard)?;
+                    // A replica not known to agree with the current leader
+                    // (restarted, or with a tail of its own) may lack data.
+                    (position.epoch == assignment.epoch).then_some((*id, position.appended))
+                })
+                .collect();
+            let majority = assignment.replicas.len() / 2 + 1;
+            let Some(new_leader) = choose_leader(&live, majority) else {
+                tracing::warn!(
+                    shard,
+                    leader = assignment.leader,
+                    live = live.len(),
+                    "the shard's leader is silent and no majority of its replicas is live: no failover"
+                );
+                continue;
+            };
+            let command = MetadataCommand::SetShardLeader {
+                shard: *shard,
+                leader: new_leader,
+                epoch: assignment.epoch + 1,
+            };
+            tracing::warn!(
+                shard,
+                old = assignment.leader,
+                new = new_leader,
+                epoch = assignment.epoch + 1,
+                "failover: the shard's leader is silent"
+            );
+            if let Err(err) = local.node.propose(command).await {
+                tracing::warn!(shard, error = %err, "proposing the new shard leader");
+            }
+        }
+    }
+}
+
+/// The replica set of `shard`: `factor` of the `nodes`, starting at a
+/// different one for each shard so leaders spread.
+pub(crate) fn place(nodes: &[NodeId], shard: u32, factor: usize) -> Vec<NodeId> {
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    let start = shard as usize % nodes.len();
+    (0..factor.min(nodes.len()))
+        .map(|i| nodes[(start + i) % nodes.len()])
+        .collect()
+}
+
+/// The new leader among the live replicas `(node, appended)` (the old
+/// leader excluded): the one whose log goes furthest (lowest id on a tie),
+/// and only when the live ones are at least `majority` of the replica set.
+pub(crate) fn choose_leader(live: &[(NodeId, u64)], majority: usize) -> Option<NodeId> {
+    if live.len() < majority {
+        return None;
+    }
+    live.iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(id, _)| *id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_sets_spread_leaders_and_never_repeat_a_node() {
+        let nodes = [1, 2, 3];
+        assert_eq!(place(&nodes, 0, 3), vec![1, 2, 3]);
+        assert_eq!(place(&nodes, 1, 3), vec![2, 3, 1]);
+        assert_eq!(place(&nodes, 2, 2), vec![3, 1]);
+        assert_eq!(place(&nodes, 4, 5), vec![2, 3, 1]);
+        assert!(place(&[], 0, 3).is_empty());
+    }
+
+    #[test]
+    fn the_most_complete_live_replica_leads_and_only_with_a_majority() {
+        // Three replicas, the leader dead: both others live -> furthest wins.
+        assert_eq!(choose_leader(&[(2, 100), (3, 250)], 2), Some(3));
+        // A tie goes to the lowest id.
+        assert_eq!(choose_leader(&[(3, 7), (2, 7)], 2), Some(2));
+        // Only one live replica of three: it may lack an acknowledged write.
+        assert_eq!(choose_leader(&[(2, 100)], 2), None);
+        assert_eq!(choose_leader(&[], 1), None);
+    }
+}
