@@ -37,5 +37,5 @@ pub mod testing;
 pub use consumer::{ConsumeError, Consumer, ConsumerConfig, Record, Records, StartOffset};
 pub use producer::{
     Delivery, FailedMessage, FlowAck, ProduceError, Producer, ProducerBuilder, ProducerConfig,
-    ProducerEvent, ProducerState, ProducerStats, SendError, Ticket,
+    ProducerEvent, ProducerState, ProducerStats, RouteError, Routes, SendError, Ticket,
 };

@@ -7,18 +7,21 @@
 //! answers with cumulative ACKs and a credit window, and rejects with ERROR
 //! frames. [`UdpModelBroker`] serves it on a loopback UDP socket with
 //! optional loss, duplication and reordering, so client tests run without
-//! the real broker.
+//! the real broker. Several [`UdpModelBroker`]s can serve one model, each
+//! in a [`Role`]: the leader appends, a follower answers `not_leader` with a
+//! leader hint ([`not_leader_replies`]), a dead one answers nothing; the
+//! shared model stands for the replicated log and producer state.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use kaelix_protocol::{
     AckBody, Datagram, DatagramBuilder, DurabilityLevel, ErrorBody, ErrorCode, FrameKind,
-    MAX_DATAGRAM_LEN,
+    LeaderHint, MAX_DATAGRAM_LEN,
 };
 use zerocopy::little_endian::{U16, U32, U64};
 
@@ -227,6 +230,49 @@ fn push_error(builder: &mut DatagramBuilder<'_>, key: &(u32, u32, u64), code: Er
     let _ = builder.push_error(key.0, key.1, key.2, &body, b"");
 }
 
+/// What a broker that follows a shard answers to a produce datagram: one
+/// ERROR datagram per DATA or HEARTBEAT frame, code `not_leader`, the
+/// message a [`LeaderHint`] naming `leader` (or none), as the data plane does.
+pub fn not_leader_replies(bytes: &[u8], leader: Option<SocketAddr>) -> Vec<Vec<u8>> {
+    let hint = LeaderHint::new(leader);
+    let body = ErrorBody {
+        code: U16::new(ErrorCode::NotLeader as u16),
+        reserved: U16::ZERO,
+        detail: U32::ZERO,
+    };
+    let mut replies = Vec::new();
+    for frame in Datagram::new(bytes).frames() {
+        let Ok(frame) = frame else {
+            break;
+        };
+        if !matches!(frame.kind(), FrameKind::Data | FrameKind::Heartbeat) {
+            continue;
+        }
+        let mut reply = vec![0u8; 256];
+        let mut builder = DatagramBuilder::new(&mut reply);
+        let (stream_id, producer_id, sequence) = frame_key(&frame);
+        builder
+            .push_error(stream_id, producer_id, sequence, &body, hint.as_bytes())
+            .expect("an ERROR with a hint fits 256 bytes");
+        let len = builder.len();
+        reply.truncate(len);
+        replies.push(reply);
+    }
+    replies
+}
+
+/// The part a served broker plays for its shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Appends to the model and acknowledges.
+    Leading,
+    /// Rejects DATA and HEARTBEAT frames with `not_leader` naming this
+    /// leader (`None`: no leader known).
+    Following(Option<SocketAddr>),
+    /// Answers nothing, as a dead process.
+    Silent,
+}
+
 /// Faults a [`UdpModelBroker`] injects, as probabilities in parts per
 /// thousand, from a seeded generator (so a failing run can be repeated).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -268,33 +314,58 @@ impl SplitMix {
     }
 }
 
+/// State a served broker shares with its handle.
+#[derive(Debug)]
+struct Served {
+    model: Arc<Mutex<ModelBroker>>,
+    role: Mutex<Role>,
+    stop: AtomicBool,
+    received: AtomicU64,
+}
+
 /// A [`ModelBroker`] served on a loopback UDP socket by one thread.
 #[derive(Debug)]
 pub struct UdpModelBroker {
     addr: SocketAddr,
-    model: Arc<Mutex<ModelBroker>>,
-    stop: Arc<AtomicBool>,
+    served: Arc<Served>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl UdpModelBroker {
     /// Serve `model` on 127.0.0.1 (an ephemeral port) with `faults`.
     pub fn spawn(model: ModelBroker, faults: Faults) -> std::io::Result<Self> {
+        Self::serve_shared(Arc::new(Mutex::new(model)), Role::Leading, faults)
+    }
+
+    /// Another broker on its own port serving the same model (the
+    /// replicated log and producer state) in `role`, without faults.
+    pub fn replica(&self, role: Role) -> std::io::Result<Self> {
+        Self::serve_shared(Arc::clone(&self.served.model), role, Faults::default())
+    }
+
+    fn serve_shared(
+        model: Arc<Mutex<ModelBroker>>,
+        role: Role,
+        faults: Faults,
+    ) -> std::io::Result<Self> {
         let socket = UdpSocket::bind("127.0.0.1:0")?;
         socket.set_read_timeout(Some(Duration::from_millis(20)))?;
         let addr = socket.local_addr()?;
-        let model = Arc::new(Mutex::new(model));
-        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(Served {
+            model,
+            role: Mutex::new(role),
+            stop: AtomicBool::new(false),
+            received: AtomicU64::new(0),
+        });
         let thread = {
-            let (model, stop) = (Arc::clone(&model), Arc::clone(&stop));
+            let served = Arc::clone(&served);
             std::thread::Builder::new()
                 .name("model-broker".into())
-                .spawn(move || serve(&socket, &model, &stop, faults))?
+                .spawn(move || serve(&socket, &served, faults))?
         };
         Ok(Self {
             addr,
-            model,
-            stop,
+            served,
             thread: Some(thread),
         })
     }
@@ -304,9 +375,24 @@ impl UdpModelBroker {
         self.addr
     }
 
+    /// Play `role` from the next datagram on.
+    pub fn set_role(&self, role: Role) {
+        *self
+            .served
+            .role
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = role;
+    }
+
+    /// Datagrams received so far (in any role).
+    pub fn datagrams_received(&self) -> u64 {
+        self.served.received.load(Ordering::Relaxed)
+    }
+
     /// The model, to inspect or change between datagrams.
     pub fn model(&self) -> MutexGuard<'_, ModelBroker> {
-        self.model
+        self.served
+            .model
             .lock()
             .unwrap_or_else(|poison| poison.into_inner())
     }
@@ -314,22 +400,38 @@ impl UdpModelBroker {
 
 impl Drop for UdpModelBroker {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.served.stop.store(true, Ordering::Relaxed);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
     }
 }
 
-fn serve(socket: &UdpSocket, model: &Mutex<ModelBroker>, stop: &AtomicBool, faults: Faults) {
+fn serve(socket: &UdpSocket, served: &Served, faults: Faults) {
+    let model = &*served.model;
     let mut rng = SplitMix::new(faults.seed);
     let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
     let mut reply = vec![0u8; MAX_DATAGRAM_LEN];
     let mut held: Option<(Vec<u8>, SocketAddr)> = None;
-    while !stop.load(Ordering::Relaxed) {
+    while !served.stop.load(Ordering::Relaxed) {
         let Ok((len, peer)) = socket.recv_from(&mut buf) else {
             continue;
         };
+        served.received.fetch_add(1, Ordering::Relaxed);
+        let role = *served
+            .role
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        match role {
+            Role::Leading => {}
+            Role::Following(leader) => {
+                for reply in not_leader_replies(&buf[..len], leader) {
+                    let _ = socket.send_to(&reply, peer);
+                }
+                continue;
+            }
+            Role::Silent => continue,
+        }
         if rng.chance(faults.drop_in_permille) {
             continue;
         }

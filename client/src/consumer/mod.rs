@@ -18,6 +18,8 @@
 //! stopping early loses nothing. When nothing is readable, `poll` waits up
 //! to `config.wait` (long-poll) and returns an empty batch.
 
+#[cfg(test)]
+mod cluster_tests;
 mod local;
 mod remote;
 
@@ -186,6 +188,9 @@ pub enum ConsumeError {
     /// Reading the local log failed.
     #[error("reading the local log failed")]
     Read(#[from] kaelix_storage::ReadError),
+    /// A remote consumer was given no fetch address.
+    #[error("no fetch address given: a remote consumer needs at least one")]
+    NoFetchAddress,
 }
 
 /// Where a consumer's records come from.
@@ -208,8 +213,38 @@ pub struct Consumer {
 impl Consumer {
     /// A consumer fetching over TCP from the broker's fetch port at `addr`.
     pub fn remote(addr: SocketAddr, config: ConsumerConfig) -> Result<Self, ConsumeError> {
-        let fetcher = RemoteFetcher::connect(addr, config.stream_id)?;
+        Self::remote_cluster(&[addr], config)
+    }
+
+    /// A consumer fetching over TCP from a cluster: `addrs` are the fetch
+    /// ports of its brokers (leaders and followers serve fetches, a
+    /// follower up to the commit position). It connects to the first that
+    /// accepts; when the connection fails, or a broker answers `not_leader`
+    /// or `unknown_stream`, the next one is asked, from the next offset not
+    /// yet returned (each broker at most once per poll; when none serves,
+    /// `poll` returns the last error and the next `poll` starts over).
+    pub fn remote_cluster(
+        addrs: &[SocketAddr],
+        config: ConsumerConfig,
+    ) -> Result<Self, ConsumeError> {
+        let fetcher = RemoteFetcher::connect_any(addrs, config.stream_id)?;
         Ok(Self::with_source(Source::Remote(fetcher), config))
+    }
+
+    /// The fetch address a remote consumer reads from now (`None` for a local one).
+    pub fn fetch_addr(&self) -> Option<SocketAddr> {
+        match &self.source {
+            Source::Remote(fetcher) => Some(fetcher.addr()),
+            Source::Local(_) => None,
+        }
+    }
+
+    /// Times a remote consumer moved to another broker.
+    pub fn failovers(&self) -> u64 {
+        match &self.source {
+            Source::Remote(fetcher) => fetcher.failovers(),
+            Source::Local(_) => 0,
+        }
     }
 
     /// A consumer reading the broker's log on this host directly: the

@@ -1,4 +1,6 @@
-//! The remote source: fetch requests over one blocking TCP connection.
+//! The remote source: fetch requests over one blocking TCP connection, to
+//! one broker of a list: when the connection fails (or the broker does not
+//! serve the stream) the next broker is tried, from the same position.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,6 +13,11 @@ use super::{ConsumeError, Record};
 
 /// Slack on top of a request's wait before the socket read gives up.
 const READ_SLACK: Duration = Duration::from_secs(30);
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest pause when a replica that was switched to is behind the position
+/// (it serves up to its commit position, which may lag the former broker's).
+const LAGGING_REPLICA_PAUSE: Duration = Duration::from_millis(20);
 
 /// Send one request and read the response header.
 fn exchange(
@@ -28,7 +35,17 @@ fn exchange(
 /// response's frames until they are consumed.
 #[derive(Debug)]
 pub struct RemoteFetcher {
+    /// The brokers' fetch addresses, tried in turn.
+    addrs: Vec<SocketAddr>,
+    /// Index in `addrs` of the broker fetched from.
+    current: usize,
+    /// `addrs[current]`.
     addr: SocketAddr,
+    /// Times the fetcher moved to another broker.
+    failovers: u64,
+    /// One past the highest offset any broker served: a position up to
+    /// here is legitimate even where a replica does not serve it yet.
+    served_end: u64,
     stream_id: u32,
     socket: Option<TcpStream>,
     request_id: u32,
@@ -45,8 +62,25 @@ pub struct RemoteFetcher {
 impl RemoteFetcher {
     /// Connect to the fetch port at `addr` for `stream_id`.
     pub fn connect(addr: SocketAddr, stream_id: u32) -> Result<Self, ConsumeError> {
+        Self::connect_any(&[addr], stream_id)
+    }
+
+    /// Connect to the first of `addrs` (fetch ports of a cluster's brokers)
+    /// that accepts, for `stream_id`. Later failures move to the next one.
+    pub fn connect_any(addrs: &[SocketAddr], stream_id: u32) -> Result<Self, ConsumeError> {
+        let mut list: Vec<SocketAddr> = Vec::with_capacity(addrs.len());
+        for &addr in addrs {
+            if !list.contains(&addr) {
+                list.push(addr);
+            }
+        }
+        let addr = *list.first().ok_or(ConsumeError::NoFetchAddress)?;
         let mut fetcher = Self {
+            addrs: list,
+            current: 0,
             addr,
+            failovers: 0,
+            served_end: 0,
             stream_id,
             socket: None,
             request_id: 0,
@@ -55,8 +89,36 @@ impl RemoteFetcher {
             offset: 0,
             left: 0,
         };
-        fetcher.socket()?;
-        Ok(fetcher)
+        let mut tries = fetcher.addrs.len();
+        loop {
+            match fetcher.socket() {
+                Ok(_) => return Ok(fetcher),
+                Err(err) if tries <= 1 => return Err(err),
+                Err(_) => {
+                    tries -= 1;
+                    fetcher.fail_over();
+                }
+            }
+        }
+    }
+
+    /// The fetch address in use.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Times the fetcher moved to another broker.
+    pub fn failovers(&self) -> u64 {
+        self.failovers
+    }
+
+    /// Move to the next broker of the list (a new connection next time).
+    fn fail_over(&mut self) {
+        self.socket = None;
+        self.discard();
+        self.current = (self.current + 1) % self.addrs.len();
+        self.addr = self.addrs[self.current];
+        self.failovers += 1;
     }
 
     fn io_error(&mut self, source: std::io::Error) -> ConsumeError {
@@ -70,7 +132,7 @@ impl RemoteFetcher {
 
     fn socket(&mut self) -> Result<&mut TcpStream, ConsumeError> {
         if self.socket.is_none() {
-            let socket = TcpStream::connect_timeout(&self.addr, Duration::from_secs(10))
+            let socket = TcpStream::connect_timeout(&self.addr, CONNECT_TIMEOUT)
                 .and_then(|socket| socket.set_nodelay(true).map(|()| socket))
                 .map_err(|source| ConsumeError::Io {
                     addr: self.addr,
@@ -88,8 +150,38 @@ impl RemoteFetcher {
         self.cursor = 0;
     }
 
-    /// One request/response exchange; the frames land in `self.body`.
+    /// One request/response exchange with a broker that serves the stream:
+    /// on a failed connection, a garbled answer, or `not_leader` /
+    /// `unknown_stream` (a broker without a replica of it), the next broker
+    /// is asked, each at most once per call. The last outcome is returned
+    /// when none serves.
     fn fetch(
+        &mut self,
+        from_offset: u64,
+        max_bytes: u32,
+        wait: Duration,
+    ) -> Result<FetchResponseHeader, ConsumeError> {
+        let mut tries = self.addrs.len();
+        loop {
+            let outcome = self.fetch_once(from_offset, max_bytes, wait);
+            let elsewhere = match &outcome {
+                Err(ConsumeError::Io { .. } | ConsumeError::Protocol { .. }) => true,
+                Ok(header) => matches!(
+                    header.error,
+                    Some(FetchErrorCode::NotLeader | FetchErrorCode::UnknownStream)
+                ),
+                Err(_) => false,
+            };
+            if !elsewhere || tries <= 1 {
+                return outcome;
+            }
+            tries -= 1;
+            self.fail_over();
+        }
+    }
+
+    /// One request/response exchange; the frames land in `self.body`.
+    fn fetch_once(
         &mut self,
         from_offset: u64,
         max_bytes: u32,
@@ -152,7 +244,20 @@ impl RemoteFetcher {
         }
         let header = self.fetch(position, max_bytes, wait)?;
         match header.error {
-            None => Ok(()),
+            None => {
+                self.served_end = self
+                    .served_end
+                    .max(header.first_offset + u64::from(header.record_count));
+                Ok(())
+            }
+            Some(FetchErrorCode::OffsetOutOfRange)
+                if position > header.high_watermark && position <= self.served_end =>
+            {
+                // Another broker served up to here: this replica's commit
+                // position is behind. Nothing to read yet.
+                std::thread::sleep(wait.min(LAGGING_REPLICA_PAUSE));
+                Ok(())
+            }
             Some(FetchErrorCode::OffsetOutOfRange) if position < header.log_start => {
                 Err(ConsumeError::Retained {
                     stream_id: self.stream_id,

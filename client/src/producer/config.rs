@@ -43,6 +43,10 @@ pub struct ProducerConfig {
     pub congestion_window_initial: usize,
     /// Smallest congestion window, in frames.
     pub congestion_window_min: usize,
+    /// With several bootstrap brokers: retransmission timeouts in a row,
+    /// with no reply from a shard's destination, after which the shard
+    /// moves to the next broker.
+    pub rotate_after_timeouts: u32,
 }
 
 impl Default for ProducerConfig {
@@ -60,6 +64,7 @@ impl Default for ProducerConfig {
             heartbeat_interval: Duration::from_millis(100),
             congestion_window_initial: 64,
             congestion_window_min: 8,
+            rotate_after_timeouts: 3,
         }
     }
 }
@@ -142,6 +147,12 @@ impl ProducerConfig {
             "congestion_window_min",
             (self.congestion_window_min, self.congestion_window_initial),
             "1 <= min <= initial",
+        )?;
+        check(
+            self.rotate_after_timeouts >= 1,
+            "rotate_after_timeouts",
+            self.rotate_after_timeouts,
+            ">= 1",
         )?;
         check(
             !self.heartbeat_interval.is_zero(),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use kaelix_protocol::{ErrorCode, MAX_DATAGRAM_LEN};
 
 use super::config::ProducerConfig;
+use super::route::Routes;
 use super::state::{
     Delivery, FlowAck, ProducerEvent, ProducerState, ProducerStats, SendError, Ticket,
 };
@@ -50,7 +51,7 @@ pub enum ProduceError {
         waited: Duration,
         /// Messages still buffered.
         unacked: usize,
-        /// The broker's address.
+        /// The broker's address (the first bootstrap broker's).
         broker: SocketAddr,
     },
     /// The buffer stayed full for the whole blocking time.
@@ -94,8 +95,8 @@ struct Shared {
 
 struct Inner {
     socket: UdpSocket,
+    /// The first bootstrap broker (for messages).
     broker: SocketAddr,
-    shards: u16,
     local: SocketAddr,
     shared: Mutex<Shared>,
     changed: Condvar,
@@ -106,6 +107,7 @@ struct Inner {
 /// Builds a [`Producer`].
 pub struct ProducerBuilder {
     broker: SocketAddr,
+    brokers: Vec<SocketAddr>,
     config: ProducerConfig,
     shards: u16,
     block_timeout: Duration,
@@ -116,6 +118,7 @@ impl std::fmt::Debug for ProducerBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ProducerBuilder")
             .field("broker", &self.broker)
+            .field("brokers", &self.brokers)
             .field("config", &self.config)
             .field("shards", &self.shards)
             .field("block_timeout", &self.block_timeout)
@@ -155,6 +158,18 @@ impl ProducerBuilder {
         self
     }
 
+    /// The other brokers of a cluster (their base data addresses, the port
+    /// of shard 0; each shard's address on them is derived as for the
+    /// builder's broker). Every shard starts at the builder's broker and
+    /// follows `not_leader` redirects; when a shard's destination names no
+    /// leader or stays silent for `rotate_after_timeouts` retransmission
+    /// timeouts, the shard moves to the next broker of the list (the
+    /// builder's broker first, then these in order, round and round).
+    pub fn brokers(mut self, brokers: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.brokers = brokers.into_iter().collect();
+        self
+    }
+
     /// How long `send` blocks while the buffer is full before failing
     /// (default 30 s).
     pub fn block_timeout(mut self, timeout: Duration) -> Self {
@@ -169,10 +184,17 @@ impl ProducerBuilder {
         self
     }
 
-    /// Bind a UDP socket and start the driver thread.
+    /// Bind a UDP socket and start the driver thread. A bad setting or
+    /// broker list is an `InvalidInput` error wrapping a
+    /// [`super::ConfigError`] or [`super::RouteError`].
     pub fn connect(self) -> io::Result<Producer> {
         self.config
             .validate()
+            .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
+        let mut bootstrap = Vec::with_capacity(1 + self.brokers.len());
+        bootstrap.push(self.broker);
+        bootstrap.extend_from_slice(&self.brokers);
+        let routes = Routes::new(&bootstrap, self.shards)
             .map_err(|err| io::Error::new(io::ErrorKind::InvalidInput, err))?;
         let bind: SocketAddr = if self.broker.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
@@ -191,11 +213,10 @@ impl ProducerBuilder {
         let inner = Arc::new(Inner {
             socket,
             broker: self.broker,
-            shards: self.shards,
             local,
             shared: Mutex::new(Shared {
                 tx_buf: vec![0; self.config.datagram_len_max],
-                core: ProducerState::new(self.config),
+                core: ProducerState::with_routes(self.config, routes),
                 waiters: HashMap::new(),
                 errors: VecDeque::new(),
                 errors_dropped: 0,
@@ -241,18 +262,6 @@ impl std::fmt::Debug for Producer {
     }
 }
 
-/// The data address of the shard owning `stream_id` on a broker whose
-/// shard 0 listens at `broker` and whose `shards` shards listen on
-/// consecutive ports (shard `stream_id % shards`).
-pub fn shard_destination(broker: SocketAddr, shards: u16, stream_id: u32) -> SocketAddr {
-    let mut addr = broker;
-    if shards > 1 {
-        let shard = (stream_id % u32::from(shards)) as u16;
-        addr.set_port(addr.port().wrapping_add(shard));
-    }
-    addr
-}
-
 fn wall_clock_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -264,6 +273,7 @@ impl Producer {
     pub fn builder(broker: SocketAddr) -> ProducerBuilder {
         ProducerBuilder {
             broker,
+            brokers: Vec::new(),
             config: ProducerConfig::default(),
             shards: 1,
             block_timeout: Duration::from_secs(30),
@@ -284,6 +294,16 @@ impl Producer {
     /// The local address the producer sends from.
     pub fn local_addr(&self) -> SocketAddr {
         self.inner.local
+    }
+
+    /// Where frames of `stream_id` go now (its shard's current destination:
+    /// the leader it was redirected to, or a bootstrap broker).
+    pub fn destination(&self, stream_id: u32) -> SocketAddr {
+        self.inner
+            .lock()
+            .core
+            .destination(stream_id)
+            .expect("the driver's core has routes")
     }
 
     /// Fire and forget: queue `payload` for `stream_id` and return at once
@@ -476,11 +496,6 @@ impl Inner {
             .0
     }
 
-    /// Where frames of `stream_id` go.
-    fn destination(&self, stream_id: u32) -> SocketAddr {
-        shard_destination(self.broker, self.shards, stream_id)
-    }
-
     /// Wake the driver thread out of its socket wait (a 0-byte datagram to itself).
     fn wake(&self) {
         let _ = self.socket.send_to(&[], self.local);
@@ -494,7 +509,9 @@ impl Inner {
         }
         let Shared { core, tx_buf, .. } = shared;
         while let Some(transmit) = core.poll_transmit(now, tx_buf) {
-            let to = self.destination(transmit.stream_id);
+            let to = core
+                .destination(transmit.stream_id)
+                .expect("the driver's core has routes");
             if self.socket.send_to(&tx_buf[..transmit.len], to).is_err() {
                 shared.send_errors += 1;
             }
@@ -556,13 +573,16 @@ impl Inner {
     fn run(&self) {
         let mut buf = vec![0u8; MAX_DATAGRAM_LEN];
         let mut received = 0;
+        let mut from = self.local;
         loop {
             let wait = {
                 let mut shared = self.lock();
                 let now = Instant::now();
                 shared.io_wake_at = None;
                 if received > 0 {
-                    shared.core.handle_datagram(now, &buf[..received]);
+                    shared
+                        .core
+                        .handle_datagram_from(now, from, &buf[..received]);
                     // Acknowledgements free buffer room that blocked senders wait for.
                     self.changed.notify_all();
                 }
@@ -586,7 +606,10 @@ impl Inner {
                 return;
             }
             match self.socket.recv_from(&mut buf) {
-                Ok((len, _from)) => received = len,
+                Ok((len, peer)) => {
+                    received = len;
+                    from = peer;
+                }
                 Err(err)
                     if matches!(
                         err.kind(),

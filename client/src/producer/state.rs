@@ -36,16 +36,33 @@
 //! (the broker's storage is behind) rewinds `send_next` to the refused
 //! sequence and holds DATA back for a backoff (1 ms, doubling to 100 ms per
 //! refused retry, reset once the broker takes the refused sequence).
+//!
+//! ## In a cluster (with [`Routes`])
+//!
+//! Each shard has a destination ([`ProducerState::destination`]). A
+//! `not_leader` ERROR from that destination naming a leader moves the
+//! shard there and sends every unacknowledged frame of its flows again
+//! from `base` (a HEARTBEAT with `base` leads them, so the new leader
+//! answers with where it stands); `leader=` (none known), or
+//! `rotate_after_timeouts` retransmission timeouts in a row with no reply
+//! from the destination, moves the shard to the next bootstrap broker.
+//! Moves after the first one without an acknowledgement wait a backoff and
+//! send a HEARTBEAT probe first; DATA follows once the new destination
+//! acknowledges (see [`Routes`]). Sequences never change on a move:
+//! the new leader holds the replicated producer state, so frames it already
+//! has are acknowledged as duplicates and nothing is stored twice.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use kaelix_protocol::{
     Datagram, DatagramBuilder, DurabilityLevel, ErrorCode, FrameFields, FrameKind, HEADER_LEN,
-    flags,
+    flags, parse_leader_hint,
 };
 
 use super::config::ProducerConfig;
+use super::route::Routes;
 
 /// Sequence a flow's opening HEARTBEAT carries.
 const OPENING_SEQUENCE: u64 = 1;
@@ -196,6 +213,11 @@ pub struct ProducerStats {
     /// Times a flow was renumbered because the broker acknowledged beyond
     /// anything sent (another producer using the same id).
     pub resyncs: u64,
+    /// Shards moved to the leader a `not_leader` ERROR named.
+    pub redirects: u64,
+    /// Shards moved to the next bootstrap broker (no leader known, or the
+    /// destination stayed silent).
+    pub rotations: u64,
 }
 
 #[derive(Debug)]
@@ -274,6 +296,9 @@ struct Flow {
     /// The lowest sequence refused as overloaded in the current episode;
     /// the episode (and its backoff) ends when the broker acknowledges it.
     overloaded_seq: Option<u64>,
+    /// The shard moved to a destination not yet heard from: only HEARTBEATs
+    /// go out until it acknowledges one, then DATA from `base`.
+    probing: bool,
 }
 
 impl Flow {
@@ -309,6 +334,7 @@ impl Flow {
             paused_until: None,
             overload_backoff: Duration::ZERO,
             overloaded_seq: None,
+            probing: false,
         }
     }
 
@@ -355,6 +381,7 @@ impl Flow {
 
     fn has_sendable(&self) -> bool {
         self.phase == Phase::Open
+            && !self.probing
             && self.send_next < self.end()
             && self.send_next <= self.window_end()
     }
@@ -445,9 +472,13 @@ pub struct ProducerState {
     buffered_frames: usize,
     buffered_bytes: usize,
     stats: ProducerStats,
+    /// Per-shard destinations, when the producer routes (in a cluster).
+    routes: Option<Routes>,
 }
 
 /// Whether the broker will reject a frame again if it is sent again.
+/// (`not_leader` is permanent for that broker; a producer with [`Routes`]
+/// sends the frame to the leader instead of failing it.)
 pub fn is_permanent(code: ErrorCode) -> bool {
     !matches!(
         code,
@@ -479,7 +510,35 @@ impl ProducerState {
             buffered_frames: 0,
             buffered_bytes: 0,
             stats: ProducerStats::default(),
+            routes: None,
         }
+    }
+
+    /// A producer with `config` that keeps a destination per shard in
+    /// `routes` and follows `not_leader` redirects (see the module docs).
+    /// Send each datagram of [`ProducerState::poll_transmit`] to
+    /// [`ProducerState::destination`] and hand replies in with
+    /// [`ProducerState::handle_datagram_from`].
+    ///
+    /// # Panics
+    /// If `config` is invalid: check it first with [`ProducerConfig::validate`].
+    pub fn with_routes(config: ProducerConfig, routes: Routes) -> Self {
+        let mut state = Self::new(config);
+        state.routes = Some(routes);
+        state
+    }
+
+    /// Where datagrams of `stream_id` go now (`None` without routes: the
+    /// driver decides).
+    pub fn destination(&self, stream_id: u32) -> Option<SocketAddr> {
+        self.routes
+            .as_ref()
+            .map(|routes| routes.destination(stream_id))
+    }
+
+    /// The routes, when the producer has them.
+    pub fn routes(&self) -> Option<&Routes> {
+        self.routes.as_ref()
     }
 
     /// The settings in force.
@@ -614,8 +673,36 @@ impl ProducerState {
         index
     }
 
-    /// Process one datagram received from the broker.
+    /// Process one datagram received from the broker (without routes, or
+    /// when the sender's address is not known: taken as coming from the
+    /// current destination of each frame's stream).
     pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
+        self.handle_datagram_inner(now, None, bytes);
+    }
+
+    /// Process one datagram received from `from`. With routes, replies from
+    /// the address a shard last moved away from still acknowledge what they
+    /// acknowledge, but their `not_leader` ERRORs are stale and they confirm
+    /// nothing about the new destination.
+    pub fn handle_datagram_from(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.handle_datagram_inner(now, Some(from), bytes);
+    }
+
+    /// Whether a reply about `stream_id` from `from` comes from the stream's
+    /// current destination; if so the shard's silence count starts over.
+    fn heard_from_destination(&mut self, stream_id: u32, from: Option<SocketAddr>) -> bool {
+        let Some(routes) = self.routes.as_mut() else {
+            return true;
+        };
+        let shard = routes.shard_of(stream_id);
+        let current = from.is_none_or(|from| routes.is_current(shard, from));
+        if current {
+            routes.route_mut(shard).silent_timeouts = 0;
+        }
+        current
+    }
+
+    fn handle_datagram_inner(&mut self, now: Instant, from: Option<SocketAddr>, bytes: &[u8]) {
         for frame in Datagram::new(bytes).frames() {
             let Ok(frame) = frame else {
                 self.stats.frames_ignored += 1;
@@ -629,6 +716,9 @@ impl ProducerState {
                 FrameKind::Ack => {
                     let body = frame.ack().expect("parse checked the ACK body size");
                     let level = DurabilityLevel::from_u8(body.level).unwrap_or_default();
+                    if self.heard_from_destination(frame.stream_id(), from) {
+                        self.confirm_destination(frame.stream_id());
+                    }
                     self.handle_ack(
                         now,
                         frame.stream_id(),
@@ -639,10 +729,13 @@ impl ProducerState {
                     );
                 }
                 FrameKind::Error => {
-                    let (body, _message) =
-                        frame.error().expect("parse checked the ERROR body size");
+                    let (body, message) = frame.error().expect("parse checked the ERROR body size");
                     self.stats.errors_received += 1;
+                    let current = self.heard_from_destination(frame.stream_id(), from);
                     match ErrorCode::from_u16(body.code.get()) {
+                        Some(ErrorCode::NotLeader) if self.routes.is_some() => {
+                            self.handle_not_leader(now, frame.stream_id(), current, message);
+                        }
                         Some(code) => self.handle_error(
                             now,
                             frame.stream_id(),
@@ -654,11 +747,30 @@ impl ProducerState {
                     }
                 }
                 FrameKind::Heartbeat => {
+                    self.heard_from_destination(frame.stream_id(), from);
                     if let Some(&index) = self.by_stream.get(&frame.stream_id()) {
                         self.flows[index].last_heard = now;
                     }
                 }
                 FrameKind::Data => self.stats.frames_ignored += 1,
+            }
+        }
+    }
+
+    /// The current destination of `stream_id`'s shard acknowledged: it
+    /// leads the shard, and a flow probing it sends everything unacknowledged.
+    fn confirm_destination(&mut self, stream_id: u32) {
+        let Some(routes) = self.routes.as_mut() else {
+            return;
+        };
+        let shard = routes.shard_of(stream_id);
+        routes.route_mut(shard).moves = 0;
+        if let Some(&index) = self.by_stream.get(&stream_id) {
+            let flow = &mut self.flows[index];
+            if flow.probing {
+                flow.probing = false;
+                flow.send_next = flow.base;
+                flow.timer = None;
             }
         }
     }
@@ -771,7 +883,9 @@ impl ProducerState {
             Some(sample) => flow.sample_rtt(sample, config),
             None => flow.rto = flow.computed_rto(config),
         }
-        flow.timer = flow.in_flight().then(|| now + flow.rto);
+        if !flow.probing {
+            flow.timer = flow.in_flight().then(|| now + flow.rto);
+        }
         if flow.slots.is_empty() {
             flow.flushing = false;
         }
@@ -816,6 +930,81 @@ impl ProducerState {
             && prev_seq < seq
             && ack_offset.checked_sub(prev_offset) == Some(ack_seq - prev_seq);
         dense.then(|| ack_offset - (ack_seq - seq))
+    }
+
+    /// A `not_leader` ERROR about `stream_id` (with routes): move its shard
+    /// to the leader the message names, or to the next bootstrap broker.
+    fn handle_not_leader(&mut self, now: Instant, stream_id: u32, current: bool, message: &[u8]) {
+        let routes = self.routes.as_mut().expect("called with routes only");
+        if !current || !self.by_stream.contains_key(&stream_id) {
+            // From a former destination (its other rejections of frames
+            // sent before the move), or about a stream we do not write.
+            self.stats.stale_replies += 1;
+            return;
+        }
+        let shard = routes.shard_of(stream_id);
+        let route = *routes.route(shard);
+        let leader = parse_leader_hint(message).flatten();
+        let hold = match leader {
+            Some(leader) if leader != route.addr => {
+                self.stats.redirects += 1;
+                routes
+                    .redirect(shard, leader, now)
+                    .expect("a different address is a move")
+            }
+            // No leader named (or itself, which it is not): another broker.
+            _ => {
+                if route.hold_until.is_some_and(|until| now < until) {
+                    // The shard just moved; more rejections of the same
+                    // datagram, or of frames sent before the move.
+                    self.stats.stale_replies += 1;
+                    return;
+                }
+                self.stats.rotations += 1;
+                routes.rotate(shard, now)
+            }
+        };
+        self.retarget(shard, hold);
+    }
+
+    /// Every flow of `shard` starts over at its new destination: frames
+    /// from `base` are sent again (at once, led by a HEARTBEAT with `base`,
+    /// when `hold` is `None`; else after the hold, once a HEARTBEAT probe
+    /// was acknowledged). Nothing is renumbered.
+    fn retarget(&mut self, shard: usize, hold: Option<Instant>) {
+        let Some(routes) = self.routes.as_ref() else {
+            return;
+        };
+        let config = &self.config;
+        for flow in &mut self.flows {
+            if routes.shard_of(flow.stream_id) != shard {
+                continue;
+            }
+            flow.timer = None;
+            flow.rto = flow.computed_rto(config);
+            // The overload was the old destination's.
+            flow.paused_until = None;
+            flow.overload_backoff = Duration::ZERO;
+            flow.overloaded_seq = None;
+            match flow.phase {
+                Phase::Opening => {
+                    flow.probe_outstanding = false;
+                    flow.heartbeat_due = !flow.slots.is_empty();
+                }
+                Phase::Open => {
+                    flow.send_next = flow.base;
+                    // Duplicate ACKs of the resent range start no fast retransmit.
+                    flow.recover = flow.sent_high;
+                    flow.heartbeat_due = !flow.slots.is_empty() || flow.skip_to.is_some();
+                    flow.probing = hold.is_some() && flow.heartbeat_due;
+                }
+            }
+        }
+    }
+
+    /// The shard hold of `stream_id`'s route: nothing goes out before it.
+    fn hold_of(routes: Option<&Routes>, stream_id: u32) -> Option<Instant> {
+        routes.and_then(|routes| routes.route(routes.shard_of(stream_id)).hold_until)
     }
 
     fn handle_error(
@@ -974,11 +1163,12 @@ impl ProducerState {
     /// datagram can be transmitted); `None` when nothing is pending.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let config = &self.config;
+        let routes = self.routes.as_ref();
         self.flows
             .iter()
             .filter_map(|flow| {
                 let due = flow.heartbeat_due.then_some(flow.last_heard);
-                [
+                let next = [
                     due,
                     flow.timer,
                     flow.data_deadline(config),
@@ -986,7 +1176,8 @@ impl ProducerState {
                 ]
                 .into_iter()
                 .flatten()
-                .min()
+                .min()?;
+                Some(Self::hold_of(routes, flow.stream_id).map_or(next, |hold| next.max(hold)))
             })
             .min()
     }
@@ -996,14 +1187,28 @@ impl ProducerState {
     /// `now >= poll_timeout()`; calling it early does no harm.
     pub fn handle_timeout(&mut self, now: Instant) {
         let config = &self.config;
+        let mut silent_shard = None;
         for flow in &mut self.flows {
             if flow.timer.is_some_and(|deadline| now >= deadline) {
                 flow.timer = None;
                 flow.rto = (flow.rto * 2).min(config.retransmit_timeout_max);
+                if let Some(routes) = self.routes.as_mut() {
+                    let shard = routes.shard_of(flow.stream_id);
+                    let several = routes.brokers().len() > 1;
+                    let route = routes.route_mut(shard);
+                    route.silent_timeouts += 1;
+                    if several && route.silent_timeouts >= config.rotate_after_timeouts {
+                        silent_shard = Some(shard);
+                    }
+                }
                 match flow.phase {
                     Phase::Opening => {
                         flow.probe_outstanding = false;
                         flow.heartbeat_due = !flow.slots.is_empty();
+                    }
+                    Phase::Open if flow.probing => {
+                        // The probe went unanswered: probe again.
+                        flow.heartbeat_due = true;
                     }
                     Phase::Open => {
                         self.stats.timeouts += 1;
@@ -1019,6 +1224,20 @@ impl ProducerState {
             {
                 flow.heartbeat_due = true;
             }
+        }
+        // Destinations silent for `rotate_after_timeouts` timeouts in a row:
+        // try the next broker (a rotation starts the shard's count over).
+        while let Some(shard) = silent_shard.take() {
+            let routes = self.routes.as_mut().expect("counted with routes only");
+            self.stats.rotations += 1;
+            let hold = routes.rotate(shard, now);
+            self.retarget(shard, hold);
+            let routes = self.routes.as_ref().expect("still there");
+            let threshold = self.config.rotate_after_timeouts;
+            silent_shard = self.flows.iter().find_map(|flow| {
+                let shard = routes.shard_of(flow.stream_id);
+                (routes.route(shard).silent_timeouts >= threshold).then_some(shard)
+            });
         }
     }
 
@@ -1040,6 +1259,9 @@ impl ProducerState {
         let config = &self.config;
         let producer_id = config.producer_id;
         let flow = &mut self.flows[index];
+        if Self::hold_of(self.routes.as_ref(), flow.stream_id).is_some_and(|hold| now < hold) {
+            return None;
+        }
         let limit = config.datagram_len_max;
         let mut builder = DatagramBuilder::new(&mut buf[..limit]);
         let skipping = flow.skip_to.is_some();
@@ -1070,6 +1292,8 @@ impl ProducerState {
             self.stats.heartbeats_sent += 1;
             if flow.phase == Phase::Opening {
                 flow.probe_outstanding = true;
+                flow.timer = Some(now + flow.rto);
+            } else if flow.probing && flow.timer.is_none() {
                 flow.timer = Some(now + flow.rto);
             }
         }
