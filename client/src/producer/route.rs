@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 /// Backoff of the second move in a row without an acknowledgement.
 pub const ROUTE_BACKOFF_MIN: Duration = Duration::from_millis(2);
 /// Ceiling of the backoff between moves.
-pub const ROUTE_BACKOFF_MAX: Duration = Duration::from_millis(100);
+pub const ROUTE_BACKOFF_MAX: Duration = Duration::from_millis(25);
 
 /// The data address of the shard owning `stream_id` on a broker whose
 /// shard 0 listens at `broker` and whose `shards` shards listen on
