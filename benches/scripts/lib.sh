@@ -6,8 +6,8 @@
 #   DURATION     measured seconds per run (default 5)
 #   WARMUP       warm-up seconds per run (default 1)
 #   SCHED        how the hot threads are scheduled: fifo (default as root:
-#                SCHED_FIFO priority 10 for the broker's shard and flusher
-#                threads and for the load generator, so the figures describe
+#                SCHED_FIFO priority 10 for the broker's shard, flusher and
+#                sync threads and for the load generator, so the figures describe
 #                the software more than the neighbours' jobs on a shared
 #                machine; the kernel still takes the cpus back for ~5 % of
 #                every second), nice (`nice -n $NICE`, default -15, for the
@@ -91,7 +91,7 @@ start_broker() {
         local task
         for task in /proc/"$BROKER_PID"/task/*; do
             case "$(cat "$task/comm" 2>/dev/null)" in
-                kaelix-shard-* | kaelix-flush-*) chrt -f -p 10 "${task##*/}" >/dev/null ;;
+                kaelix-shard-* | kaelix-flush-* | kaelix-sync-*) chrt -f -p 10 "${task##*/}" >/dev/null ;;
             esac
         done
     fi

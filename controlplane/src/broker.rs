@@ -15,7 +15,7 @@ use kaelix_dataplane::pinning::{self, PinPlan};
 use kaelix_dataplane::{
     Backend, BackendError, Shard, ShardCounters, ShardLinks, ShardTask, SocketBackend,
 };
-use kaelix_storage::{Flusher, LogConfig, LogReader, ShardLog, StreamConfig};
+use kaelix_storage::{Flusher, LogConfig, LogReader, ShardLog, StreamConfig, Syncer};
 
 use crate::config::{BackendKind, Config};
 
@@ -439,6 +439,9 @@ impl Broker {
         let flusher = log
             .flusher()
             .expect("a freshly opened log hands out its flusher");
+        let syncer = log
+            .syncer()
+            .expect("a freshly opened log hands out its syncer");
         let (commands, command_rx) = bounded(64);
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(ShardCounters::default());
@@ -477,7 +480,7 @@ impl Broker {
         let stop_flusher = flusher_stop.clone();
         let flusher_thread = std::thread::Builder::new()
             .name(name.clone())
-            .spawn(move || run_flusher(shard, flusher, &stop_flusher))
+            .spawn(move || run_flusher_and_syncer(shard, flusher, syncer, &stop_flusher))
             .map_err(|source| StartError::Spawn { name, source })?;
         Ok(ShardHandle {
             id: shard,
@@ -590,6 +593,10 @@ pub(crate) fn run_flusher(shard: u32, mut flusher: Flusher, stop: &AtomicBool) {
     let mut idle_polls = 0u32;
     loop {
         let stopping = stop.load(Ordering::Acquire);
+        if stopping {
+            // A syncer, if any, stops with us: the final polls sync it all.
+            flusher.sync_everything();
+        }
         // On stop, a time far ahead makes the interval due: everything is synced.
         let now = if stopping { u64::MAX / 2 } else { now_ns() };
         match flusher.poll(now) {
@@ -634,6 +641,40 @@ pub(crate) fn reload_flows(log: &mut ShardLog, flows: &mut FlowTable) {
     let mut reader = log.reader();
     let streams: Vec<u32> = log.streams().map(|info| info.stream_id).collect();
     recover_flows(&mut reader, &streams, flows);
+}
+
+/// [`run_flusher`], with the log's interval syncs on a thread of their own
+/// (`kaelix-sync-<shard>`), so the flusher's writes, and the ACKs at `flush`
+/// level, never wait for an fdatasync. Returns when both have stopped.
+fn run_flusher_and_syncer(shard: u32, flusher: Flusher, mut syncer: Syncer, stop: &AtomicBool) {
+    std::thread::scope(|scope| {
+        let spawned = std::thread::Builder::new()
+            .name(format!("kaelix-sync-{shard}"))
+            .spawn_scoped(scope, move || {
+                let mut failures = 0u64;
+                while !stop.load(Ordering::Acquire) {
+                    match syncer.poll(now_ns()) {
+                        Ok(_) => failures = 0,
+                        Err(err) => {
+                            failures += 1;
+                            if failures == 1 || failures.is_power_of_two() {
+                                tracing::error!(shard, error = %err, failures, "interval sync failed; retrying");
+                            }
+                        }
+                    }
+                    // Wake for the next sync, and at least every 10 ms to see the stop.
+                    let wait_ns = syncer.next_due_ns().saturating_sub(now_ns());
+                    std::thread::sleep(Duration::from_nanos(wait_ns.clamp(100_000, 10_000_000)));
+                }
+            });
+        if let Err(err) = spawned {
+            // The syncer was dropped with the closure, which hands the
+            // interval syncs back to the flusher: the writes wait for them
+            // as before, nothing else changes.
+            tracing::error!(shard, error = %err, "could not start the sync thread; the flusher syncs");
+        }
+        run_flusher(shard, flusher, stop);
+    });
 }
 
 /// Rebuild each flow's last appended sequence from the log, so a producer's

@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use crate::error::FlushError;
 use crate::log::{SegmentHandle, Shared};
@@ -46,6 +47,8 @@ pub struct Flusher {
     synced: u64,
     last_sync_ns: Option<u64>,
     current: Option<(Arc<SegmentHandle>, File)>,
+    /// Set by [`Flusher::sync_everything`]: sync whatever is written, due or not.
+    sync_all: bool,
 }
 
 impl Flusher {
@@ -59,7 +62,15 @@ impl Flusher {
             synced,
             last_sync_ns: None,
             current: None,
+            sync_all: false,
         }
+    }
+
+    /// From now on, every poll also syncs everything written (due or not):
+    /// call before the final polls at shutdown, when the interval syncs
+    /// were handed to a [`Syncer`] that no longer runs.
+    pub fn sync_everything(&mut self) {
+        self.sync_all = true;
     }
 
     /// Copy what was appended since the last poll and sync if due. On error
@@ -146,11 +157,17 @@ impl Flusher {
             self.synced = self.written;
             progress.synced_now = true;
             self.shared.meta.store(Slot::Written, self.written);
-            self.shared.meta.store(Slot::Synced, self.synced);
+            self.shared.meta.fetch_max(Slot::Synced, self.synced);
         }
         self.shared.meta.store(Slot::Written, self.written);
+        // A [`Syncer`] may have synced further meanwhile.
+        self.synced = self.synced.max(self.shared.meta.load(Slot::Synced));
         let request = self.shared.meta.load(Slot::SyncRequest);
-        let due = now_ns.saturating_sub(last_sync) >= self.interval_ns;
+        // With a syncer taken, interval syncs are its job: the writes (and
+        // the ACKs at `flush` level) do not wait behind its fdatasync.
+        let due = self.sync_all
+            || (!self.shared.syncer_taken.load(Ordering::Acquire)
+                && now_ns.saturating_sub(last_sync) >= self.interval_ns);
         if self.synced < self.written && (request > self.synced || due) {
             if let Some((handle, file)) = &self.current {
                 file.sync_data().map_err(|source| FlushError::Sync {
@@ -161,7 +178,7 @@ impl Flusher {
             self.synced = self.written;
             self.last_sync_ns = Some(now_ns);
             progress.synced_now = true;
-            self.shared.meta.store(Slot::Synced, self.synced);
+            self.shared.meta.fetch_max(Slot::Synced, self.synced);
         } else if due {
             self.last_sync_ns = Some(now_ns);
         }
@@ -219,5 +236,84 @@ impl Flusher {
         }
         let (handle, file) = self.current.as_ref().expect("set above");
         Ok((handle.clone(), file))
+    }
+}
+
+/// Syncs the disk copy on the flush interval, from a thread of its own.
+///
+/// Without one, the [`Flusher`] runs the interval's fdatasync itself, and
+/// nothing is written (so nothing is acknowledged at `flush` level) while it
+/// waits for the disk: tens of milliseconds every interval under load, long
+/// enough for producers to drain their windows and time out. With one taken
+/// ([`crate::ShardLog::syncer`]), the flusher only writes, syncs sealed
+/// segments and serves `fsync`-level requests (group commit); this syncs
+/// what was written, once per interval.
+///
+/// What it syncs is safe to call synced: it reads the written position
+/// (acquire), fdatasyncs the disk copy of the segment holding its last byte
+/// (the flusher syncs every segment before it writes past it), then raises
+/// the synced position to what it read. Dropping it hands the interval
+/// syncs back to the flusher.
+#[derive(Debug)]
+pub struct Syncer {
+    shared: Arc<Shared>,
+    interval_ns: u64,
+    last_sync_ns: Option<u64>,
+    /// The disk copy last synced: (segment number, file).
+    current: Option<(u64, File)>,
+}
+
+impl Syncer {
+    pub(crate) fn new(shared: Arc<Shared>, interval_ns: u64) -> Self {
+        Self {
+            shared,
+            interval_ns,
+            last_sync_ns: None,
+            current: None,
+        }
+    }
+
+    /// Sync what was written if the interval is due (counted from 0 before
+    /// the first sync). Returns the synced position when this poll synced.
+    pub fn poll(&mut self, now_ns: u64) -> Result<Option<u64>, FlushError> {
+        let last_sync = self.last_sync_ns.unwrap_or(0);
+        if now_ns.saturating_sub(last_sync) < self.interval_ns {
+            return Ok(None);
+        }
+        self.last_sync_ns = Some(now_ns);
+        let written = self.shared.meta.load(Slot::Written);
+        if self.shared.meta.load(Slot::Synced) >= written {
+            return Ok(None);
+        }
+        let number = (written - 1) / self.shared.segment_size;
+        let path = self.shared.disk_path(number);
+        if self.current.as_ref().is_none_or(|(n, _)| *n != number) {
+            self.current = None;
+            match File::open(&path) {
+                Ok(file) => self.current = Some((number, file)),
+                // Sealed, synced and deleted by retention meanwhile.
+                Err(_) if self.shared.meta.load(Slot::Synced) >= written => return Ok(None),
+                Err(source) => return Err(FlushError::Sync { path, source }),
+            }
+        }
+        let (_, file) = self.current.as_ref().expect("set above");
+        file.sync_data()
+            .map_err(|source| FlushError::Sync { path, source })?;
+        self.shared.meta.fetch_max(Slot::Synced, written);
+        Ok(Some(written))
+    }
+
+    /// When the next sync is due, on the caller's clock.
+    pub fn next_due_ns(&self) -> u64 {
+        self.last_sync_ns
+            .unwrap_or(0)
+            .saturating_add(self.interval_ns)
+    }
+}
+
+impl Drop for Syncer {
+    /// Hands the interval syncs back to the flusher.
+    fn drop(&mut self) {
+        self.shared.syncer_taken.store(false, Ordering::Release);
     }
 }

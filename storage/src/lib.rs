@@ -24,6 +24,8 @@
 //!   [`BatchWriter::push`] → [`BatchWriter::commit`] → [`AppendOutcome`],
 //!   [`ShardLog::enforce_retention`], [`ShardLog::durable_position`].
 //! - [`Flusher`]: `Send`; [`Flusher::poll`] copies and syncs the disk copy.
+//! - [`Syncer`]: `Send`, optional; runs the interval syncs on a thread of
+//!   its own so the flusher's writes never wait for fdatasync.
 //! - [`LogReader`]: `Send + Clone`; [`LogReader::read`] yields
 //!   [`Record`]s (offset, frame bytes) borrowed from the mappings.
 //! - [`Follower`]: the same reads from another process, following the
@@ -252,7 +254,7 @@ pub use error::{
     AppendError, Corruption, FlushError, FollowerError, OpenError, ReadError, RetentionError,
     StreamError,
 };
-pub use flusher::{FlushProgress, Flusher};
+pub use flusher::{FlushProgress, Flusher, Syncer};
 pub use follower::Follower;
 pub use kaelix_protocol::DurabilityLevel;
 pub use live::{LiveBacking, find_hugetlbfs_mount, free_huge_pages, meminfo_value};
@@ -269,6 +271,8 @@ pub use replica::{
 #[cfg(test)]
 mod stream_retention_tests;
 #[cfg(test)]
+mod syncer_tests;
+#[cfg(test)]
 mod tests;
 
 // The thread-crossing types must stay Send (and the reader Clone).
@@ -277,6 +281,7 @@ const _: () = {
     const fn clone<T: Clone>() {}
     send::<ShardLog>();
     send::<Flusher>();
+    send::<Syncer>();
     send::<LogReader>();
     send::<Follower>();
     clone::<LogReader>();

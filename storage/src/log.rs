@@ -11,7 +11,7 @@ use zerocopy::IntoBytes;
 
 use crate::config::{LogConfig, StreamConfig};
 use crate::error::{AppendError, RetentionError, StreamError};
-use crate::flusher::Flusher;
+use crate::flusher::{Flusher, Syncer};
 use crate::index::LogIndex;
 use crate::layout::{BATCH_HEADER_LEN, BatchHeader, SEGMENT_HEADER_LEN, SegmentHeader, frame_len};
 use crate::live::{Live, LiveSegment};
@@ -191,6 +191,8 @@ pub(crate) struct Shared {
     /// Bumped (release) after every change of `list`.
     pub generation: AtomicU64,
     pub flusher_taken: AtomicBool,
+    /// A [`crate::Syncer`] runs the interval syncs (the flusher leaves them).
+    pub syncer_taken: AtomicBool,
     /// Index settings, for the index files the flusher builds.
     pub index_interval_bytes: u32,
     pub time_interval_bytes: u32,
@@ -428,6 +430,20 @@ impl ShardLog {
             self.shared.clone(),
             self.config.flush_interval_ns,
             self.active.number * self.shared.segment_size,
+        ))
+    }
+
+    /// The syncer, the first time (`None` after): from then on the interval
+    /// syncs are its job and the [`Flusher`] only writes (see [`Syncer`]).
+    /// Drive it from a thread of its own; at shutdown stop it, then call
+    /// [`Flusher::sync_everything`] before the flusher's final polls.
+    pub fn syncer(&self) -> Option<Syncer> {
+        if self.shared.syncer_taken.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        Some(Syncer::new(
+            self.shared.clone(),
+            self.config.flush_interval_ns,
         ))
     }
 

@@ -401,6 +401,7 @@ impl ShardLog {
             list: Mutex::new(handles),
             generation: AtomicU64::new(0),
             flusher_taken: AtomicBool::new(false),
+            syncer_taken: AtomicBool::new(false),
             index_interval_bytes: config.index_interval_bytes,
             time_interval_bytes: config.time_index_interval_bytes,
             live: live.clone(),
