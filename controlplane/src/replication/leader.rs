@@ -121,6 +121,25 @@ impl ShardState {
 
 type Shards = Arc<HashMap<u32, Arc<ShardState>>>;
 
+/// Attach replication to a log this broker starts leading, at the commit
+/// positions it knows a quorum has. A log that followed (or led) until now
+/// keeps the commit it learned; a log with no followers is a replica set of
+/// one and everything it holds is committed. A freshly opened log with
+/// followers (a restarted broker) knows nothing: its tail may be on no
+/// other replica, so it starts at 0 and the quorum of its followers' ACKs
+/// moves it (counting the recovered tail as committed let a minority
+/// commit: found by `sim_tests`).
+pub(super) fn attach_as_leader(commit: &CommitPositions, followers: usize) {
+    let own = commit.positions();
+    if commit.is_attached() {
+        commit.attach(own.replicated, own.replicated_synced);
+    } else if followers == 0 {
+        commit.attach(own.appended, own.synced);
+    } else {
+        commit.attach(0, 0);
+    }
+}
+
 /// Serves the shards this broker leads to their followers.
 #[derive(Debug)]
 pub struct ReplicationLeader {
@@ -133,7 +152,9 @@ pub struct ReplicationLeader {
 impl ReplicationLeader {
     /// Bind `bind` (port 0 allowed), attach replication to each shard's log
     /// (from now on its replicated levels follow the quorum, starting from
-    /// what the log holds now) and serve followers. Call within a tokio runtime.
+    /// the commit the log knows a quorum has: 0 for a freshly opened log
+    /// with followers) and serve
+    /// followers. Call within a tokio runtime.
     pub async fn start(
         bind: SocketAddr,
         shards: Vec<LeaderShard>,
@@ -143,8 +164,7 @@ impl ReplicationLeader {
         let addr = listener.local_addr()?;
         let mut map = HashMap::new();
         for shard in shards {
-            let own = shard.commit.positions();
-            shard.commit.attach(own.appended, own.synced);
+            attach_as_leader(&shard.commit, shard.followers.len());
             let replicas = shard.followers.len() + 1;
             let state = Arc::new(ShardState {
                 raw: Mutex::new(shard.raw),
@@ -308,6 +328,7 @@ async fn serve(
         last_record,
     };
     let commit = state.commit.positions().replicated;
+    tracing::warn!(?tail, commit, positions = ?state.commit.positions(), "DEBUG leader hello");
     let plan = match raw.catch_up_plan(&tail, commit) {
         CatchUp::Resume { from } => Plan::Resume(from),
         CatchUp::Truncate { segment } => Plan::Truncate(segment),

@@ -33,6 +33,8 @@
 
 mod follower;
 mod leader;
+#[cfg(test)]
+mod sim_tests;
 pub mod wire;
 
 use std::time::Duration;
