@@ -38,6 +38,8 @@ use crate::packet::ETHERNET_HEADER_LEN;
 const SO_BUSY_POLL: libc::c_int = 46;
 const SO_PREFER_BUSY_POLL: libc::c_int = 69;
 const SO_BUSY_POLL_BUDGET: libc::c_int = 70;
+/// `SO_INCOMING_NAPI_ID`: the NAPI instance busy polling on this socket would run.
+const SO_INCOMING_NAPI_ID: libc::c_int = 56;
 /// `XDP_PACKET_HEADROOM`: the kernel keeps this much in front of every frame.
 const XDP_PACKET_HEADROOM: u32 = 256;
 /// Packets the kernel transmits per `sendto` in copy mode (TX_BATCH_SIZE).
@@ -100,7 +102,9 @@ pub struct AfXdpInfo {
     pub zero_copy: bool,
     /// Whether the UMEMs are on hugepages.
     pub hugepages: bool,
-    /// Whether preferred busy polling is on.
+    /// Whether preferred busy polling is in force on every socket: asked
+    /// for (`busy_poll`) and possible (the kernel gave the socket a NAPI
+    /// instance to poll; see [`AfXdpBackend::busy_poll`]).
     pub busy_poll: bool,
     /// The program, its counters and its attachment.
     pub xdp: Arc<XdpHandle>,
@@ -132,6 +136,7 @@ pub struct AfXdpBackend {
     xdp: Arc<XdpHandle>,
     queue: u32,
     data_port: u16,
+    /// Preferred busy polling is in force (asked for, and the socket has a NAPI id).
     busy_poll: bool,
     zero_copy: bool,
     hugepages: bool,
@@ -147,6 +152,8 @@ pub struct AfXdpBackend {
     tx_pending: Vec<FrameDesc>,
     /// Frames on the TX or completion ring.
     tx_in_flight: usize,
+    /// Entries of the TX ring.
+    tx_ring_len: u32,
     /// Scratch for draining the completion ring.
     comp_descs: Vec<FrameDesc>,
     /// Longest frame we send: the UMEM frame's room, capped at MTU + Ethernet header.
@@ -198,6 +205,59 @@ fn set_socket_option(fd: libc::c_int, option: libc::c_int, value: libc::c_int) -
         Ok(())
     } else {
         Err(io::Error::last_os_error())
+    }
+}
+
+fn get_socket_option(fd: libc::c_int, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live locals of the sizes passed; the
+    // kernel writes at most `len` bytes into `value`. `fd` is open.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            option,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if ret == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Whether this kernel gives an AF_XDP socket its NAPI id when it is bound
+/// (Linux 6.13 and later) rather than with its first packet (before): only
+/// then does an id of 0 right after bind mean busy polling cannot work.
+fn napi_id_bound_at_bind() -> bool {
+    // SAFETY: utsname is plain C data for which all-zero bytes are valid;
+    // uname only writes into it.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a live, writable utsname.
+    if unsafe { libc::uname(&raw mut name) } != 0 {
+        return true;
+    }
+    let release: String = name
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    kernel_at_least(&release, 6, 13)
+}
+
+/// Whether a kernel release string (`6.18.44-...`) is `major.minor` or later;
+/// true when it cannot be read (assume a current kernel).
+fn kernel_at_least(release: &str, major: u32, minor: u32) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(str::parse::<u32>);
+    match (parts.next(), parts.next()) {
+        (Some(Ok(have_major)), Some(Ok(have_minor))) => (have_major, have_minor) >= (major, minor),
+        _ => true,
     }
 }
 
@@ -281,9 +341,28 @@ impl AfXdpBackend {
             xdp_mode: xdp.mode(),
             zero_copy: backends.iter().all(|b| b.zero_copy),
             hugepages: backends.iter().all(|b| b.hugepages),
-            busy_poll: config.busy_poll,
+            busy_poll: backends.iter().all(|b| b.busy_poll),
             xdp,
         };
+        if config.busy_poll && !info.busy_poll {
+            let deferring = config.napi_defer_hard_irqs.is_some_and(|v| v > 0)
+                && config.gro_flush_timeout_ns.is_some_and(|v| v > 0);
+            if deferring {
+                tracing::warn!(
+                    interface = %info.interface,
+                    "af_xdp: busy polling cannot take effect (the kernel gives {} AF_XDP sockets no NAPI instance to poll), \
+                     yet napi_defer_hard_irqs and gro_flush_timeout are set: nothing polls the device early, so every packet \
+                     that arrives while its NAPI is deferred waits for the gro_flush_timeout timer; leave them unset (0) here",
+                    if info.zero_copy { "these" } else { "copy-mode" }
+                );
+            } else {
+                tracing::info!(
+                    interface = %info.interface,
+                    "af_xdp: busy polling asked for but not possible (no NAPI id on the {} sockets); the device's NAPI runs in softirq",
+                    if info.zero_copy { "zero-copy" } else { "copy-mode" }
+                );
+            }
+        }
         if info.xdp_mode == AttachedMode::Generic && config.xdp_mode == super::XdpModeConfig::Auto {
             tracing::warn!(
                 interface = %info.interface,
@@ -473,6 +552,20 @@ impl AfXdpBackend {
             .map_err(permission)?;
         }
 
+        // Busy polling runs the NAPI instance the kernel recorded for the
+        // socket. Since Linux 6.13 an AF_XDP socket gets one only at bind
+        // time, and only when bound zero-copy to a driver that registers its
+        // queues' NAPI (`netif_queue_set_napi`); a copy-mode socket (veth,
+        // any driver without zero-copy) has none, so SO_PREFER_BUSY_POLL
+        // does nothing and every poll of an empty ring would be a wasted
+        // system call. Older kernels set the id with the first packet.
+        let napi_id = if config.busy_poll {
+            get_socket_option(fd, SO_INCOMING_NAPI_ID).unwrap_or(0)
+        } else {
+            0
+        };
+        let busy_poll = config.busy_poll && (napi_id != 0 || !napi_id_bound_at_bind());
+
         let fill_frames = config.fill_ring as usize;
         let tx_free = descs.split_off(fill_frames);
         // SAFETY: these frames come fresh from this UMEM and are nowhere else
@@ -503,7 +596,7 @@ impl AfXdpBackend {
             xdp: Arc::clone(xdp),
             queue,
             data_port: config.data_port,
-            busy_poll: config.busy_poll,
+            busy_poll,
             zero_copy,
             hugepages,
             rx_descs: vec![FrameDesc::default(); batch],
@@ -512,6 +605,7 @@ impl AfXdpBackend {
             tx_pending: Vec::with_capacity(tx_free.len()),
             tx_free,
             tx_in_flight: 0,
+            tx_ring_len: config.tx_ring,
             comp_descs: vec![FrameDesc::default(); COMPLETION_BATCH],
             max_frame_len,
             ip_id: 0,
@@ -527,6 +621,15 @@ impl AfXdpBackend {
     /// Whether the socket is zero-copy.
     pub fn zero_copy(&self) -> bool {
         self.zero_copy
+    }
+
+    /// Whether preferred busy polling is in force: configured, and the
+    /// kernel gave the socket a NAPI instance to poll. False for copy-mode
+    /// sockets on Linux 6.13 and later (veth included): there the device's
+    /// NAPI runs in softirq wherever the kernel schedules it, and the
+    /// backend does not poke the socket when its RX ring is empty.
+    pub fn busy_poll(&self) -> bool {
+        self.busy_poll
     }
 
     /// Times received frames had to wait for room on the fill ring (see the
@@ -751,9 +854,18 @@ impl Backend for AfXdpBackend {
             self.tx_in_flight += sent;
             self.stats.tx_packets += sent as u64;
         }
-        if self.tx_in_flight > 0 && self.tx.needs_wakeup() {
+        // Kick only for descriptors still on the TX ring: frames the kernel
+        // already took are merely waiting for their completion (in copy mode
+        // until the receiver frees the packet), and a `sendto` per cycle
+        // for them would be a system call that sends nothing.
+        let on_ring = if self.tx_in_flight > 0 {
+            (self.tx_ring_len - self.tx.nb_free_exact().min(self.tx_ring_len)) as usize
+        } else {
+            0
+        };
+        if on_ring > 0 && self.tx.needs_wakeup() {
             // Copy mode sends at most COPY_MODE_TX_BUDGET frames per call.
-            let kicks = self.tx_in_flight.div_ceil(COPY_MODE_TX_BUDGET);
+            let kicks = on_ring.div_ceil(COPY_MODE_TX_BUDGET);
             for _ in 0..kicks {
                 self.tx.wakeup().map_err(|source| BackendError::Io {
                     backend: NAME,
@@ -794,5 +906,22 @@ impl Backend for AfXdpBackend {
     fn max_tx_payload(&self) -> usize {
         // IPv6 headers are the longer ones; every peer fits this much.
         self.max_frame_len - IPV6_UDP_HEADERS_LEN
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_at_least;
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert!(kernel_at_least("6.18.44-fc-v657", 6, 13));
+        assert!(kernel_at_least("6.13.0", 6, 13));
+        assert!(kernel_at_least("7.0.1", 6, 13));
+        assert!(!kernel_at_least("6.12.9-amd64", 6, 13));
+        assert!(!kernel_at_least("5.15.0-91-generic", 6, 13));
+        // Unreadable: assume a current kernel.
+        assert!(kernel_at_least("", 6, 13));
+        assert!(kernel_at_least("weird", 6, 13));
     }
 }
