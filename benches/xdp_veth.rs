@@ -12,8 +12,11 @@
 //!   XDP_VETH_NICE (0)     nice value of the broker and sender processes (below 0
 //!                         they starve the cpus' ksoftirqd threads while spinning,
 //!                         which shows as ACKs delayed by a scheduler tick)
-//!   XDP_VETH_BUSY_POLL (1), XDP_VETH_NAPI_KNOBS (1)   AF_XDP preferred busy
+//!   XDP_VETH_BUSY_POLL (1), XDP_VETH_NAPI_KNOBS (0)   AF_XDP preferred busy
 //!                         polling, and napi_defer_hard_irqs=2 / gro_flush_timeout=200us
+//!                         (off by default: on a veth the sockets are copy-mode,
+//!                         which since Linux 6.13 have no NAPI id to busy-poll, so
+//!                         deferral only parks packets until the 200 us timer)
 //!   XDP_VETH_SPIN_CYCLES (20000)   empty polls a shard spins before yielding
 //! ```
 //!
@@ -27,8 +30,8 @@
 //!   shard pinned to cpu 1 (its flusher thread unpinned), four streams at the
 //!   memory durability level, the log on tmpfs in 4 GiB segments (no roll
 //!   within a run); for AF_XDP `required = true` and the device's
-//!   `napi_defer_hard_irqs` / `gro_flush_timeout` set so busy polling takes
-//!   the NAPI work;
+//!   `napi_defer_hard_irqs` / `gro_flush_timeout` written as 0 (see
+//!   XDP_VETH_NAPI_KNOBS);
 //! - the sender: a child process in the other namespace, pinned to cpu 0,
 //!   one kaelix-client `ProducerState` (4 streams, linger 0, one message in
 //!   16 tracked for its latency) driven by a loop that transmits with
@@ -38,8 +41,8 @@
 //! Ingest is messages acknowledged per second over the measured window (at
 //! the memory level an ACK follows the append in the same cycle);
 //! produce→ack latency is from `send()` to the ACK's arrival for messages
-//! sent in the window. The veth softirq work runs on the sender's cpu unless
-//! busy polling takes it, and this is a shared 2-vCPU VM (the load average
+//! sent in the window. The veth softirq work runs on the sender's cpu (busy
+//! polling cannot take it on a veth, see XDP_VETH_NAPI_KNOBS), and this is a shared 2-vCPU VM (the load average
 //! at start and end is printed with the table): these are figures for veth
 //! on this machine, not for a NIC.
 #![allow(missing_docs)]
@@ -126,7 +129,7 @@ fn broker_config(backend: &str, interface: &str, ip: Ipv4Addr, data_dir: &Path) 
         config.dataplane.dpdk.mbuf_data_bytes = if backend == "dpdk-af_xdp" { 3584 } else { 4096 };
     }
     let busy_poll = env_or("XDP_VETH_BUSY_POLL", 1) != 0;
-    let napi_knobs = env_or("XDP_VETH_NAPI_KNOBS", 1) != 0;
+    let napi_knobs = env_or("XDP_VETH_NAPI_KNOBS", 0) != 0;
     config.dataplane.af_xdp = AfXdpConfig {
         interface: interface.to_owned(),
         hugepages: HugePages::Off,
@@ -570,14 +573,15 @@ fn orchestrate() {
             .collect(),
         Err(_) => built.clone(),
     };
+    let napi_knobs = env_or("XDP_VETH_NAPI_KNOBS", 0) != 0;
     let mut runs: Vec<(usize, usize, Run)> = Vec::new();
     let mut run_number = 0;
     for repeat in 0..repeats {
         for (li, load) in loads.iter().enumerate() {
             for (bi, backend) in backends.iter().enumerate() {
                 run_number += 1;
-                // Busy polling takes the NAPI work only on the AF_XDP runs.
-                let (defer, flush) = if *backend == "af_xdp" {
+                // Deferral only with XDP_VETH_NAPI_KNOBS=1, on the AF_XDP runs.
+                let (defer, flush) = if *backend == "af_xdp" && napi_knobs {
                     (2, 200_000)
                 } else {
                     (0, 0)

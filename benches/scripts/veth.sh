@@ -54,16 +54,24 @@ for ns in "$NS_A" "$NS_B"; do ip -n "$ns" link set lo up; done
 ip -n "$NS_A" link set "$VA" up
 ip -n "$NS_B" link set "$VB" up
 
-# set_knobs DEFER FLUSH_NS: the broker-side device's NAPI knobs.
+# set_knobs DEFER FLUSH_NS: the broker-side device's NAPI knobs. Both stay 0
+# for every run: the AF_XDP sockets on a veth are copy-mode, and since Linux
+# 6.13 a copy-mode AF_XDP socket has no NAPI id, so preferred busy polling
+# cannot take over the device's NAPI. Deferral (napi_defer_hard_irqs=2,
+# gro_flush_timeout=200000) then only made every packet that found its NAPI
+# deferred wait for the 200 us timer: produce->ack p50 ~150 us at 100,000/s
+# instead of ~7 us (docs/performance.md). NAPI_DEFER / GRO_FLUSH_NS override.
 set_knobs() {
     ip netns exec "$NS_B" sh -c "echo $1 > /sys/class/net/$VB/napi_defer_hard_irqs; echo $2 > /sys/class/net/$VB/gro_flush_timeout"
 }
 
 broker_args=(--data-dir "$DATA_ROOT/data" --data-addr "$IP_B:7000" --fetch-addr "$IP_B:7001"
     --admin-addr 127.0.0.1:7002 --metrics-addr 127.0.0.1:7003)
+NAPI_DEFER="${NAPI_DEFER:-0}"
+GRO_FLUSH_NS="${GRO_FLUSH_NS:-0}"
 xdp_args=(--set 'dataplane.backend="af_xdp"' --set "dataplane.af_xdp.interface=\"$VB\""
     --set dataplane.required=true
-    --set dataplane.af_xdp.napi_defer_hard_irqs=2 --set dataplane.af_xdp.gro_flush_timeout_ns=200000)
+    --set "dataplane.af_xdp.napi_defer_hard_irqs=$NAPI_DEFER" --set "dataplane.af_xdp.gro_flush_timeout_ns=$GRO_FLUSH_NS")
 
 # Find the largest MTU XDP allows: attach (broker start), read the peer's maxmtu.
 start_broker "$OUT_DIR/broker-mtu-probe.log" "$NS_B" "${broker_args[@]}" "${xdp_args[@]}"
@@ -84,7 +92,7 @@ xdp_sender=("${socket_sender[@]}" --sender af-xdp --xdp-interface "$VA")
 
 for backend in socket af_xdp; do
     if [[ $backend == af_xdp ]]; then
-        set_knobs 2 200000
+        set_knobs "$NAPI_DEFER" "$GRO_FLUSH_NS"
         start_broker "$OUT_DIR/broker-$backend.log" "$NS_B" "${broker_args[@]}" "${xdp_args[@]}"
     else
         set_knobs 0 0
