@@ -388,13 +388,7 @@ impl Broker {
             flusher_stop,
             cpu,
         } = parts;
-        let mut log_config = LogConfig::new(data_dir.join(format!("shard-{shard}")));
-        log_config.segment_size_bytes = config.storage.segment_size_mib * 1024 * 1024;
-        log_config.flush_interval_ns = config.storage.flush_interval_ms * 1_000_000;
-        log_config.retention_bytes = config.storage.retention_mib.map(|mib| mib * 1024 * 1024);
-        log_config.retention_age_ns = config.storage.retention_age_secs.map(|s| s * 1_000_000_000);
-        log_config.shared = config.storage.shared;
-        log_config.live_memory_max_bytes = config.storage.live_memory_max_bytes();
+        let log_config = shard_log_config(config, data_dir, shard);
         let (mut log, report) =
             ShardLog::open(log_config).map_err(|source| StartError::Log { shard, source })?;
         warnings.extend(
@@ -634,10 +628,25 @@ pub(crate) fn run_flusher(shard: u32, mut flusher: Flusher, stop: &AtomicBool) {
     }
 }
 
+/// The log configuration of shard `shard` under `data_dir`.
+pub fn shard_log_config(config: &Config, data_dir: &Path, shard: u32) -> LogConfig {
+    let mut log_config = LogConfig::new(data_dir.join(format!("shard-{shard}")));
+    log_config.segment_size_bytes = config.storage.segment_size_mib * 1024 * 1024;
+    log_config.flush_interval_ns = config.storage.flush_interval_ms * 1_000_000;
+    log_config.retention_bytes = config.storage.retention_mib.map(|mib| mib * 1024 * 1024);
+    log_config.retention_age_ns = config.storage.retention_age_secs.map(|s| s * 1_000_000_000);
+    log_config.shared = config.storage.shared;
+    log_config.live_memory_max_bytes = config.storage.live_memory_max_bytes();
+    log_config
+}
+
 /// Forget every flow and rebuild them from the log (a shard that followed
 /// another leader and now leads: the log holds the other leader's appends).
 pub(crate) fn reload_flows(log: &mut ShardLog, flows: &mut FlowTable) {
     flows.forget_flows();
+    // What the log holds may not be on a quorum yet: retransmits of it are
+    // duplicates, acknowledged once the log is durable up to its end.
+    flows.recover_pending(log.positions().appended);
     let mut reader = log.reader();
     let streams: Vec<u32> = log.streams().map(|info| info.stream_id).collect();
     recover_flows(&mut reader, &streams, flows);

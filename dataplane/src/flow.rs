@@ -76,6 +76,9 @@ pub struct AckPoint {
     pub received_ns: u64,
 }
 
+/// [`AckPoint::received_ns`] of a point recovered from the log (not timed).
+const RECOVERED: u64 = u64::MAX;
+
 /// What [`FlowState::poll_ack_timed`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AckPoll {
@@ -113,12 +116,17 @@ pub struct FlowState {
 }
 
 impl FlowState {
-    fn new(peer: Peer, level: DurabilityLevel, last_recovered: Option<(u64, u64)>) -> Self {
-        let (acked, acked_offset) = last_recovered.unwrap_or((0, u64::MAX));
-        Self {
-            expected: acked + 1,
-            acked,
-            acked_offset,
+    fn new(
+        peer: Peer,
+        level: DurabilityLevel,
+        last_recovered: Option<(u64, u64)>,
+        pending_until: Option<u64>,
+    ) -> Self {
+        let (last, last_offset) = last_recovered.unwrap_or((0, u64::MAX));
+        let mut flow = Self {
+            expected: last + 1,
+            acked: last,
+            acked_offset: last_offset,
             acked_timestamp_ns: 0,
             peer,
             level,
@@ -126,7 +134,22 @@ impl FlowState {
             newest: None,
             ack_due: false,
             listed: false,
+        };
+        if let (Some(end_position), Some(_)) = (pending_until, last_recovered) {
+            // Recovered from a log whose end may not be durable at the
+            // flow's level yet (a replica that just took the lead): the
+            // recovered sequence is acknowledged only once it is.
+            flow.acked = 0;
+            flow.acked_offset = u64::MAX;
+            flow.waiting = Some(AckPoint {
+                end_position,
+                sequence: last,
+                offset: last_offset,
+                timestamp_ns: 0,
+                received_ns: RECOVERED,
+            });
         }
+        flow
     }
 
     /// Decide what to do with DATA frame `seq` given a credit `window`.
@@ -205,6 +228,7 @@ impl FlowState {
     /// acknowledged was received.
     pub fn poll_ack_timed(&mut self, durable_position: u64) -> AckPoll {
         let mut received_ns = None;
+        let mut moved = false;
         while let Some(point) = self.waiting {
             if point.end_position > durable_position {
                 break;
@@ -213,9 +237,12 @@ impl FlowState {
             self.acked_offset = point.offset;
             self.acked_timestamp_ns = point.timestamp_ns;
             self.waiting = self.newest.take();
-            received_ns.get_or_insert(point.received_ns);
+            moved = true;
+            if point.received_ns != RECOVERED {
+                received_ns.get_or_insert(point.received_ns);
+            }
         }
-        let due = received_ns.is_some() || self.ack_due;
+        let due = moved || self.ack_due;
         self.ack_due = false;
         AckPoll { due, received_ns }
     }
@@ -258,6 +285,9 @@ struct PackedKey(u64);
 pub struct FlowTable {
     flows: HashMap<PackedKey, FlowState, BuildHasherDefault<FlowHasher>>,
     recovered: HashMap<PackedKey, (u64, u64), BuildHasherDefault<FlowHasher>>,
+    /// Recovered sequences are acknowledged only once the log is durable up
+    /// to here ([`FlowTable::recover_pending`]).
+    pending_until: Option<u64>,
     /// Counts per stream: one entry per stream this shard has that saw a
     /// frame (so at most the shard's registered streams; removed with the stream).
     streams: HashMap<u32, StreamCounts, BuildHasherDefault<FlowHasher>>,
@@ -278,6 +308,7 @@ impl FlowTable {
         Self {
             flows: HashMap::with_capacity_and_hasher(initial, Default::default()),
             recovered: HashMap::default(),
+            pending_until: None,
             streams: HashMap::with_capacity_and_hasher(initial.min(1024), Default::default()),
             max_flows,
         }
@@ -314,6 +345,13 @@ impl FlowTable {
         }
     }
 
+    /// The recovered sequences are not acknowledged before the log is
+    /// durable (at each flow's level) up to `position`: for a log another
+    /// leader wrote, whose tail a quorum may not have yet.
+    pub fn recover_pending(&mut self, position: u64) {
+        self.pending_until = Some(position);
+    }
+
     /// Number of flows recovered from the log.
     pub fn recovered_len(&self) -> usize {
         self.recovered.len()
@@ -336,7 +374,7 @@ impl FlowTable {
         Ok(self
             .flows
             .entry(packed)
-            .or_insert_with(|| FlowState::new(peer, level, recovered)))
+            .or_insert_with(|| FlowState::new(peer, level, recovered, self.pending_until)))
     }
 
     /// The flow's state, if it exists.
@@ -359,6 +397,7 @@ impl FlowTable {
     pub fn forget_flows(&mut self) {
         self.flows.clear();
         self.recovered.clear();
+        self.pending_until = None;
     }
 
     /// Forget every flow of a deleted stream.
@@ -468,6 +507,28 @@ mod tests {
         assert_eq!(flow.admit(41, 100), Admission::Duplicate);
         assert_eq!(flow.admit(42, 100), Admission::Append);
         assert_eq!(flow.acked_offset, 7);
+    }
+
+    #[test]
+    fn a_pending_recovery_acknowledges_only_once_durable() {
+        let mut table = FlowTable::new(4, 4);
+        table.recover(key(), 9, 20);
+        table.recover_pending(5000);
+        let flow = table
+            .get_or_insert(key(), peer(), DurabilityLevel::Replicated)
+            .unwrap();
+        // A retransmit is still a duplicate, but its ACK says nothing new
+        // until the log is durable up to the recovery point.
+        assert_eq!(flow.admit(9, 100), Admission::Duplicate);
+        assert_eq!(flow.acked, 0);
+        let poll = flow.poll_ack_timed(4999);
+        assert_eq!(flow.acked, 0);
+        assert!(!poll.due);
+        let poll = flow.poll_ack_timed(5000);
+        assert!(poll.due, "the ACK goes out once durable");
+        assert_eq!(poll.received_ns, None, "not timed");
+        assert_eq!((flow.acked, flow.acked_offset), (9, 20));
+        assert_eq!(flow.admit(10, 100), Admission::Append);
     }
 
     #[test]

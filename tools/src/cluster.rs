@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use kaelix_controlplane::broker::Broker;
 use kaelix_controlplane::cluster::pb::cluster_raft_client::ClusterRaftClient;
 use kaelix_controlplane::cluster::pb::{
     InitRequest, JoinRequest, LeaveRequest, Member, MembershipReply, StatusReply, StatusRequest,
@@ -369,7 +368,7 @@ fn print_status(me: &StatusReply, leader: Option<&StatusReply>) {
 /// configuration has a `[cluster]` section (`kaelix serve`).
 pub async fn start_node(
     config: &Config,
-    broker: &Broker,
+    data_addr: String,
 ) -> anyhow::Result<Option<Arc<ClusterNode>>> {
     let Some(section) = &config.cluster else {
         return Ok(None);
@@ -380,7 +379,7 @@ pub async fn start_node(
     let node_config = ClusterNodeConfig {
         raft_bind: section.addr,
         advertise_addr: section.advertise_addr.clone(),
-        data_addr: broker.shards()[0].data_addr.to_string(),
+        data_addr,
         heartbeat_ms: section.heartbeat_ms,
         election_timeout_min_ms: section.election_timeout_min_ms,
         election_timeout_max_ms: section.election_timeout_max_ms,

@@ -86,6 +86,36 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     kaelix_controlplane::logging::apply(&config.log.level, config.log.format)
         .map_err(|err| anyhow::anyhow!("log.level {err}"))?;
 
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kaelix-control")
+        .enable_all()
+        .build()
+        .context("starting the control plane runtime")?;
+    // With data replication the Raft node starts first: a former shard
+    // leader learns who leads now and drops the tail that leader lacks
+    // before its shards open (a running shard cannot truncate its log).
+    let replicated = config
+        .cluster
+        .as_ref()
+        .is_some_and(|cluster| cluster.replication_factor > 0);
+    let early_node = if replicated {
+        let node = runtime.block_on(crate::cluster::start_node(
+            &config,
+            config.shard_data_addr(0).to_string(),
+        ))?;
+        if let Some(node) = &node {
+            let warnings = runtime.block_on(kaelix_controlplane::cluster::catch_up_before_start(
+                &config, node,
+            ));
+            for warning in warnings {
+                tracing::warn!("{warning}");
+            }
+        }
+        Some(node)
+    } else {
+        None
+    };
     let broker = Broker::start(&config).context("starting the broker")?;
     for warning in broker.warnings() {
         tracing::warn!("{warning}");
@@ -120,14 +150,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
 
     // --- control plane: admin API, metrics, reloads (issue 6) ---
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("kaelix-control")
-        .enable_all()
-        .build()
-        .context("starting the control plane runtime")?;
     let broker = runtime.block_on(async move {
-        let cluster = match crate::cluster::start_node(&config, &broker).await {
+        let started = match early_node {
+            Some(node) => Ok(node),
+            None => {
+                let data_addr = broker.shards()[0].data_addr.to_string();
+                crate::cluster::start_node(&config, data_addr).await
+            }
+        };
+        let cluster = match started {
             Ok(cluster) => cluster,
             Err(error) => {
                 let _ = broker.shutdown();

@@ -33,6 +33,7 @@ pub mod network;
 pub mod node;
 pub mod pb;
 pub(crate) mod shards;
+pub use shards::catch_up_before_start;
 pub mod state_machine;
 #[cfg(test)]
 mod storage_suite_tests;

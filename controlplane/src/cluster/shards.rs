@@ -517,6 +517,141 @@ impl Controller {
     }
 }
 
+/// Before a clustered broker with data replication opens its shards (its
+/// Raft node `node` started): for every shard another member leads now
+/// (asked over the cluster RPC, the members taken from the metadata this
+/// node applied once it heard from a Raft leader), drop the tail of the
+/// local log that leader does not have: a former leader killed before it
+/// replicated its last appends, or the segment a restart sealed where the
+/// leader went on writing. Whole segments go; the shard's follower fetches
+/// them again. A running shard cannot truncate its log; this is when it
+/// can. Best effort: what could not be done is returned as warnings, and
+/// the broker then starts anyway (its follower reports a divergent log).
+pub async fn catch_up_before_start(
+    config: &crate::config::Config,
+    node: &ClusterNode,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let Some(section) = config
+        .cluster
+        .as_ref()
+        .filter(|section| section.replication_factor > 0)
+    else {
+        return warnings;
+    };
+    let Some(data_dir) = config.broker.data_dir.as_deref() else {
+        return warnings;
+    };
+    // The metadata this node applied once it hears from a Raft leader (a
+    // node alone, or a cluster restarting as a whole, goes on without).
+    let mut metrics = node.raft().metrics();
+    let heard = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if metrics.borrow_and_update().current_leader.is_some() {
+                return;
+            }
+            if metrics.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    if heard.is_err() {
+        return warnings;
+    }
+    // Let the log the leader sends apply (until nothing new for 3 heartbeats).
+    let quiet = Duration::from_millis(section.heartbeat_ms.saturating_mul(3).max(30));
+    let mut last = metrics.borrow().last_applied;
+    let settle_until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < settle_until {
+        tokio::time::sleep(quiet).await;
+        let now = metrics.borrow().last_applied;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    let metadata = node.metadata();
+    let me = section.node_id;
+    // Who leads each shard now, by the highest epoch a member claims.
+    let mut leaders: BTreeMap<u32, (u64, NodeId)> = BTreeMap::new();
+    for (id, member) in metadata.members.iter().filter(|(id, _)| **id != me) {
+        let Ok(positions) = shard_positions(&member.raft_addr, Duration::from_secs(1)).await else {
+            continue;
+        };
+        for position in positions.iter().filter(|p| p.leading) {
+            let entry = leaders.entry(position.shard).or_insert((0, *id));
+            if position.epoch >= entry.0 {
+                *entry = (position.epoch, *id);
+            }
+        }
+    }
+    for shard in 0..config.broker.shards {
+        let Some(&(epoch, leader)) = leaders.get(&shard) else {
+            continue;
+        };
+        let Some(replication) = metadata
+            .nodes
+            .get(&leader)
+            .and_then(|n| n.replication_addr.parse::<SocketAddr>().ok())
+        else {
+            warnings.push(format!(
+                "shard {shard}: leader {leader} has no known replication address; not caught up before start"
+            ));
+            continue;
+        };
+        match truncate_to_leader(config, data_dir, me, shard, replication).await {
+            Ok(None) => {}
+            Ok(Some(segment)) => tracing::info!(
+                shard,
+                leader,
+                epoch,
+                segment,
+                "dropped the log's tail the shard's leader does not have"
+            ),
+            Err(err) => warnings.push(format!(
+                "shard {shard}: comparing the log with leader {leader} (epoch {epoch}) before start: {err}"
+            )),
+        }
+    }
+    warnings
+}
+
+/// Ask `leader` whether this replica's log of `shard` has a tail it lacks
+/// and drop it (whole segments, from the one returned). The log is opened
+/// only to read its end, and closed again: the shard opens it afterwards
+/// and follows from there (catching up what the segments held).
+async fn truncate_to_leader(
+    config: &crate::config::Config,
+    data_dir: &std::path::Path,
+    me: NodeId,
+    shard: u32,
+    leader: SocketAddr,
+) -> Result<Option<u64>, String> {
+    let log_config = crate::broker::shard_log_config(config, data_dir, shard);
+    let dir = log_config.dir.clone();
+    let tail = tokio::task::spawn_blocking(move || {
+        kaelix_storage::ShardLog::open(log_config)
+            .map(|(log, _)| log.replica_tail())
+            .map_err(|e| format!("opening {}: {e}", dir.display()))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    match crate::replication::ask_plan(leader, shard, me, tail).await? {
+        crate::replication::wire::Plan::Truncate(segment) => {
+            let dir = crate::broker::shard_log_config(config, data_dir, shard).dir;
+            tokio::task::spawn_blocking(move || {
+                kaelix_storage::replica::truncate_segments(&dir, segment)
+                    .map_err(|e| format!("truncating {}: {e}", dir.display()))
+            })
+            .await
+            .map_err(|e| e.to_string())??;
+            Ok(Some(segment))
+        }
+        _ => Ok(None),
+    }
+}
+
 /// The replica set of `shard`: `factor` of the `nodes`, starting at a
 /// different one for each shard so leaders spread.
 pub(crate) fn place(nodes: &[NodeId], shard: u32, factor: usize) -> Vec<NodeId> {

@@ -216,6 +216,47 @@ impl ReplicaFollower {
     }
 }
 
+/// Ask the leader at `leader` how a replica of `shard` whose log ends at
+/// `tail` would catch up, without following (the connection is closed
+/// once the plan arrives).
+pub async fn ask_plan(
+    leader: SocketAddr,
+    shard: u32,
+    node_id: u64,
+    tail: ReplicaTail,
+) -> Result<Plan, String> {
+    let session = async {
+        let stream = TcpStream::connect(leader)
+            .await
+            .map_err(|e| format!("connecting to {leader}: {e}"))?;
+        let (mut rd, mut wr) = stream.into_split();
+        let mut out = Vec::with_capacity(64);
+        wire::encode_hello(&mut out, shard, node_id, tail.position, tail.last_record);
+        wr.write_all(&out)
+            .await
+            .map_err(|e| format!("sending HELLO to {leader}: {e}"))?;
+        let mut inbuf = Vec::with_capacity(64 * 1024);
+        loop {
+            if let Some((message, _)) = wire::decode(&inbuf).map_err(|e| e.to_string())? {
+                return match message {
+                    Message::Plan(plan) => Ok(plan),
+                    _ => Err(format!("{leader} did not answer with a plan")),
+                };
+            }
+            let read = rd
+                .read_buf(&mut inbuf)
+                .await
+                .map_err(|e| format!("reading from {leader}: {e}"))?;
+            if read == 0 {
+                return Err(format!("{leader} closed the connection"));
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(5), session)
+        .await
+        .map_err(|_| format!("{leader} gave no plan within 5 s"))?
+}
+
 /// The log a follower writes: its own, or a running shard's.
 enum FollowerLog {
     Owned(Box<OwnedLog>),

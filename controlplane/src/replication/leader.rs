@@ -328,7 +328,6 @@ async fn serve(
         last_record,
     };
     let commit = state.commit.positions().replicated;
-    tracing::warn!(?tail, commit, positions = ?state.commit.positions(), "DEBUG leader hello");
     let plan = match raw.catch_up_plan(&tail, commit) {
         CatchUp::Resume { from } => Plan::Resume(from),
         CatchUp::Truncate { segment } => Plan::Truncate(segment),

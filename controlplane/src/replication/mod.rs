@@ -41,6 +41,7 @@ use std::time::Duration;
 
 pub use follower::{
     FollowerConfig, FollowerError, FollowerStatus, ReplicaFollower, ShardSubmit, SubmitRefused,
+    ask_plan,
 };
 pub use leader::{FollowerProgress, LeaderShard, ReplicationLeader};
 
