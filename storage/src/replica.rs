@@ -394,6 +394,12 @@ impl RawReader {
         let matches = tail.position <= appended
             && match tail.last_record {
                 Some((position, crc)) => self.header_at(position).is_some_and(|header| {
+                    // A recovery seal (an END marker of time 0) is the same
+                    // bytes in every log: matching it proves nothing about
+                    // what precedes it, so the follower drops its segment.
+                    if header.kind == KIND_END && header.append_time_ns.get() == 0 {
+                        return false;
+                    }
                     let end = if header.kind == KIND_END {
                         (position / size + 1) * size + SEGMENT_HEADER_LEN as u64
                     } else {
@@ -962,6 +968,33 @@ mod tests {
         );
         flush(&mut [&mut leader_flusher, &mut follower_flusher]);
         assert!(segment_files(a.path()) == segment_files(b.path()));
+    }
+
+    #[test]
+    fn recovery_seals_at_the_same_place_do_not_make_different_logs_match() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut leader = open(config(a.path()));
+        let mut follower = open(config(b.path()));
+        let mut leader_flusher = leader.flusher().unwrap();
+        let mut follower_flusher = follower.flusher().unwrap();
+        // Same sizes, different records: the logs end at the same position.
+        let (mut seq, mut other_seq) = (0, 1_000_000);
+        append(&mut leader, &mut seq, 5, 1_000);
+        append(&mut follower, &mut other_seq, 5, 9_999);
+        assert_eq!(leader.positions().appended, follower.positions().appended);
+        flush(&mut [&mut leader_flusher, &mut follower_flusher]);
+        drop((leader, leader_flusher, follower, follower_flusher));
+        // Both restart: recovery seals each at the same position with the
+        // same END marker (time 0).
+        let leader = open(config(a.path()));
+        let follower = open(config(b.path()));
+        let mut raw = leader.raw_reader();
+        let tail = follower.replica_tail();
+        assert_eq!(tail.position, leader.positions().appended);
+        assert_eq!(
+            raw.catch_up_plan(&tail, 0),
+            CatchUp::Truncate { segment: 0 }
+        );
     }
 
     #[test]
