@@ -201,6 +201,10 @@ pub struct ProducerStats {
     pub fast_retransmits: u64,
     /// Go-back-N retransmissions started by the retransmission timer.
     pub timeouts: u64,
+    /// Timeouts found spurious afterwards (an ACK covered frames not sent
+    /// again since: the broker had them, its ACK was only late, e.g.
+    /// behind a slow fdatasync); their window reduction was undone.
+    pub spurious_timeouts: u64,
     /// ERROR frames received.
     pub errors_received: u64,
     /// `overloaded` ERRORs received (the broker's storage was behind; the
@@ -259,6 +263,9 @@ struct Flow {
     ssthresh: u64,
     /// Acknowledged frames counted towards the next window increment.
     cwnd_growth: u64,
+    /// `(cwnd, ssthresh)` before the first timeout of the current episode,
+    /// restored if the timeout proves spurious.
+    before_timeout: Option<(u64, u64)>,
     /// Next sequence to transmit, `base..=base + slots.len()`.
     send_next: u64,
     /// Highest sequence ever transmitted (frames at or below go out flagged RETRANSMIT).
@@ -314,6 +321,7 @@ impl Flow {
             cwnd: config.congestion_window_initial as u64,
             ssthresh: u64::MAX,
             cwnd_growth: 0,
+            before_timeout: None,
             send_next: OPENING_SEQUENCE,
             sent_high: 0,
             recover: 0,
@@ -838,6 +846,25 @@ impl ProducerState {
             return;
         }
         // Progress.
+        if let Some((cwnd, ssthresh)) = flow.before_timeout.take()
+            && sequence >= flow.send_next
+        {
+            // Go-back-N has not sent `sequence` again since the timeout, yet
+            // the broker acknowledges it: the first transmissions arrived
+            // (the broker keeps nothing past a gap) and only the ACK was
+            // late, e.g. behind a slow fdatasync. Not a loss: restore the
+            // window, and let the duplicate ACKs that the needless
+            // retransmissions draw start no fast retransmit for a window.
+            // (A frame that really was lost meanwhile shows as a gap: the
+            // broker's duplicate ACKs or the timer send it again.)
+            self.stats.spurious_timeouts += 1;
+            flow.cwnd = cwnd;
+            flow.ssthresh = ssthresh;
+            flow.recover = flow.sent_high.max(sequence.saturating_add(cwnd));
+            // The first transmissions after `sequence` are on their way
+            // too: go on with new frames rather than send them all again.
+            flow.send_next = flow.send_next.max(flow.sent_high + 1);
+        }
         flow.broker_acked = sequence;
         if flow
             .overloaded_seq
@@ -895,6 +922,7 @@ impl ProducerState {
     /// Renumber a flow's messages to follow `acked` (the broker's cumulative
     /// ACK) and send them all as new.
     fn restart_numbering(flow: &mut Flow, acked: u64, offset: u64) {
+        flow.before_timeout = None;
         flow.broker_acked = acked;
         flow.base = acked + 1;
         flow.send_next = flow.base;
@@ -1212,6 +1240,8 @@ impl ProducerState {
                     }
                     Phase::Open => {
                         self.stats.timeouts += 1;
+                        flow.before_timeout
+                            .get_or_insert((flow.cwnd, flow.ssthresh));
                         flow.on_loss(true, config);
                         flow.send_next = flow.base;
                         flow.recover = flow.sent_high;

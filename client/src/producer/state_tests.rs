@@ -35,6 +35,9 @@ struct Sim {
     wire: Vec<(u32, u64, u16)>,
     /// Drop the next N datagrams towards the broker.
     blackhole: usize,
+    /// Extra delay of the broker's replies (a broker whose ACKs wait for a
+    /// slow disk), nothing lost.
+    reply_stall: Duration,
     buf: Vec<u8>,
     /// Steps in a row whose next deadline was already past.
     spins: u32,
@@ -58,6 +61,7 @@ impl Sim {
             events: Vec::new(),
             wire: Vec::new(),
             blackhole: 0,
+            reply_stall: Duration::ZERO,
             spins: 0,
         }
     }
@@ -81,7 +85,12 @@ impl Sim {
         }
         let copies = 1 + usize::from(self.rng.chance(self.faults.dup_permille));
         for _ in 0..copies {
-            let at = self.now + self.delay();
+            let stall = if to_broker {
+                Duration::ZERO
+            } else {
+                self.reply_stall
+            };
+            let at = self.now + self.delay() + stall;
             let queue = if to_broker {
                 &mut self.to_broker
             } else {
@@ -424,6 +433,51 @@ fn congestion_window_grows_then_halves_on_loss_and_collapses_on_timeout() {
     assert_eq!(window(&sim), 8);
     sim.run_until_idle(Duration::from_secs(5));
     assert_eq!(sim.broker.records(1).len(), 802);
+}
+
+#[test]
+fn a_late_ack_is_not_a_loss_the_window_survives_a_spurious_timeout() {
+    let producer_config = ProducerConfig {
+        batch_frames_max: 8,
+        linger: Duration::ZERO,
+        ..config()
+    };
+    let mut sim = opened(producer_config, 21);
+    let window = |sim: &Sim| sim.producer.flow_ack(1).unwrap().congestion_window;
+    for i in 0..400u32 {
+        sim.send(1, &i.to_le_bytes()).unwrap();
+    }
+    sim.run_until_idle(Duration::from_secs(1));
+    let grown = window(&sim);
+    assert!(grown >= 400, "slow start: {grown}");
+    // The broker's ACKs stall for 200 ms (an fdatasync), far past the
+    // retransmission timeout; nothing is lost.
+    for i in 0..400u32 {
+        sim.send(1, &i.to_le_bytes()).unwrap();
+    }
+    sim.reply_stall = Duration::from_millis(200);
+    while sim.producer.stats().timeouts == 0 {
+        sim.step();
+    }
+    assert_eq!(window(&sim), 8, "a timeout drops the window first");
+    sim.reply_stall = Duration::ZERO;
+    sim.run_until_idle(Duration::from_secs(5));
+    let stats = sim.producer.stats();
+    assert!(stats.spurious_timeouts >= 1, "{stats:?}");
+    assert!(
+        window(&sim) >= grown,
+        "the window is restored once the late ACK shows nothing was lost: {} vs {grown}",
+        window(&sim)
+    );
+    assert_eq!(
+        stats.fast_retransmits, 0,
+        "the needless retransmissions' duplicate ACKs start no fast retransmit: {stats:?}"
+    );
+    assert!(
+        stats.frames_retransmitted <= 8,
+        "only what went out before the late ACK (the minimum window) is sent again: {stats:?}"
+    );
+    assert_eq!(sim.broker.records(1).len(), 801, "every message once");
 }
 
 #[test]
