@@ -43,7 +43,8 @@ use super::{ClusterMetadata, ClusterNode, MetadataCommand, NodeEndpoints, NodeId
 use crate::broker::Broker;
 use crate::config::ClusterSection;
 use crate::replication::{
-    FollowerConfig, LeaderShard, ReplicaFollower, ReplicationConfig, ReplicationLeader, ShardSubmit,
+    FollowerConfig, LeaderShard, Lease, ReplicaFollower, ReplicationConfig, ReplicationLeader,
+    ShardSubmit,
 };
 
 /// What this broker does with one of its shards.
@@ -88,12 +89,21 @@ pub(crate) async fn run(
             .map(|_| AtomicU64::new(0))
             .collect(),
     );
+    // The shards led here commit only while the controller hears from this
+    // broker: each of its questions renews the lease, which lasts half the
+    // silence after which it moves the shards elsewhere.
+    let lease = Lease::new(Duration::from_millis(settings.failover_after_ms / 2));
     let position_broker = broker.clone();
     let position_epochs = agreed.clone();
+    let position_lease = lease.clone();
     node.set_position_source(Arc::new(move || {
+        position_lease.renew();
         positions(&position_broker, &position_epochs)
     }));
-    let replication = ReplicationConfig::default();
+    let replication = ReplicationConfig {
+        lease: Some(lease.clone()),
+        ..ReplicationConfig::default()
+    };
     // Bind the listener now so its address can be registered.
     let leader = match ReplicationLeader::start(
         settings.replication_addr,
@@ -145,6 +155,17 @@ pub(crate) async fn run(
         local.reconcile(&metadata).await;
         let metrics = local.node.raft().metrics().borrow().clone();
         if metrics.current_leader == Some(local.node.id()) {
+            // The controller's own broker: its lease holds while a quorum
+            // of the Raft group still follows this leader.
+            let lease_ms = local.settings.failover_after_ms / 2;
+            let alone = metrics.membership_config.membership().voter_ids().count() <= 1;
+            if alone
+                || metrics
+                    .millis_since_quorum_ack
+                    .is_some_and(|ms| ms < lease_ms)
+            {
+                lease.renew();
+            }
             controller.tick(&local, &metadata).await;
         } else {
             controller = Controller::default();

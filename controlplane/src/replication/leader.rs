@@ -98,11 +98,16 @@ struct ShardState {
     commit: CommitPositions,
     slots: Vec<Slot>,
     quorum: usize,
+    lease: Option<super::Lease>,
 }
 
 impl ShardState {
-    /// Publish the quorum of the leader's and the followers' positions.
+    /// Publish the quorum of the leader's and the followers' positions
+    /// (while the lease, if any, holds).
     fn recompute(&self) {
+        if self.lease.as_ref().is_some_and(|lease| !lease.is_valid()) {
+            return;
+        }
         let own = self.commit.positions();
         let mut memory = [0u64; REPLICAS_MAX];
         let mut synced = [0u64; REPLICAS_MAX];
@@ -181,6 +186,7 @@ impl ReplicationLeader {
                     })
                     .collect(),
                 quorum: replicas / 2 + 1,
+                lease: config.lease.clone(),
             });
             map.insert(shard.shard, state);
         }

@@ -37,7 +37,9 @@ mod leader;
 mod sim_tests;
 pub mod wire;
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 pub use follower::{
     FollowerConfig, FollowerError, FollowerStatus, ReplicaFollower, ShardSubmit, SubmitRefused,
@@ -64,6 +66,56 @@ pub struct ReplicationConfig {
     /// away (what `replicated_fsync` waits for); otherwise the flusher
     /// syncs on its interval.
     pub follower_sync: bool,
+    /// Leader: commit positions move only while this lease is valid (the
+    /// cluster renews it while the failover controller hears from this
+    /// broker); `None` commits whenever a quorum has the data.
+    pub lease: Option<Lease>,
+}
+
+/// A leader's right to commit, renewed from outside and valid for a fixed
+/// time after each renewal. The failover controller moves a shard only
+/// after its leader was silent for longer than the lease lasts, so an old
+/// leader cut off from the controller stops committing (and acknowledging
+/// replicated writes) before a new one starts.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    base: Instant,
+    length: Duration,
+    /// Nanoseconds after `base` until which the lease holds.
+    until_ns: Arc<AtomicU64>,
+}
+
+impl Lease {
+    /// A lease lasting `length` after each renewal, not yet valid.
+    pub fn new(length: Duration) -> Self {
+        Self {
+            base: Instant::now(),
+            length,
+            until_ns: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Valid for `length` from now.
+    pub fn renew(&self) {
+        let until = self
+            .now_ns()
+            .saturating_add(u64::try_from(self.length.as_nanos()).unwrap_or(u64::MAX));
+        self.until_ns.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// End it now (e.g. the shard is no longer led here).
+    pub fn revoke(&self) {
+        self.until_ns.store(0, Ordering::Release);
+    }
+
+    /// True while the last renewal is less than `length` old.
+    pub fn is_valid(&self) -> bool {
+        self.now_ns() < self.until_ns.load(Ordering::Acquire)
+    }
 }
 
 impl Default for ReplicationConfig {
@@ -75,6 +127,7 @@ impl Default for ReplicationConfig {
             idle_poll: Duration::from_millis(1),
             reconnect_delay: Duration::from_millis(50),
             follower_sync: true,
+            lease: None,
         }
     }
 }
@@ -111,6 +164,21 @@ fn kth_largest(values: &mut [u64], k: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::kth_largest;
+
+    #[test]
+    fn a_lease_holds_for_its_length_after_each_renewal() {
+        use std::time::Duration;
+        let long = super::Lease::new(Duration::from_secs(600));
+        assert!(!long.is_valid(), "not valid before the first renewal");
+        long.renew();
+        assert!(long.is_valid());
+        long.revoke();
+        assert!(!long.is_valid());
+        let short = super::Lease::new(Duration::from_millis(1));
+        short.renew();
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(!short.is_valid(), "expired");
+    }
 
     #[test]
     fn quorum_is_the_majority_position() {
