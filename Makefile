@@ -38,7 +38,7 @@ FUZZ_RUN = $(CARGO) fuzz run $(FUZZ_TARGET) --sanitizer none -a \
 
 .PHONY: all setup build run test bench fuzz fmt clippy test-dpdk \
 	fmt-check check-deps test-suite bench-build fuzz-smoke \
-	bench-criterion bench-release bench-loopback bench-veth bench-peers bench-local
+	bench-criterion bench-release bench-loopback bench-veth bench-peers bench-local bench-cluster
 
 all: build
 
@@ -87,7 +87,7 @@ bench-build: setup
 
 # Criterion micro benchmarks, then the end-to-end scripts (figures in
 # target/bench/; docs/performance.md says how they were produced).
-bench: setup bench-criterion bench-loopback bench-local bench-veth bench-peers
+bench: setup bench-criterion bench-loopback bench-local bench-cluster bench-veth bench-peers
 
 bench-criterion: setup
 	$(CARGO) bench --workspace --bench '*' $(CARGO_FLAGS)
@@ -103,6 +103,11 @@ bench-loopback: bench-release
 # produce->visible latency at fixed rates on 127.0.0.1, same run.
 bench-local: bench-release
 	bash benches/scripts/local_consumer.sh
+
+# Replicated (3 kaelix serve on 127.0.0.1) vs single node, same run, and the
+# time from SIGKILL of a shard leader to the first ACK of the new leader.
+bench-cluster: bench-release
+	bash benches/scripts/cluster.sh
 
 # Socket vs AF_XDP backend on a veth pair between two namespaces (root).
 bench-veth: bench-release

@@ -17,6 +17,7 @@
 //! read once per loop iteration.
 
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,14 +30,21 @@ use kaelix_protocol::DurabilityLevel;
 pub const LATENCY_MAX_NS: u64 = 60_000_000_000;
 /// Messages offered per loop iteration at most (keeps acks flowing in).
 const OFFER_BUDGET: usize = 2048;
+/// A silence between ACKs at least this long is listed in the report.
+pub const ACK_SILENCE_MIN_NS: u64 = 10_000_000;
+/// Silences listed per producer at most (the first ones; the longest is
+/// always kept apart).
+const ACK_SILENCES_MAX: usize = 64;
 /// In fixed-rate mode an idle producer waits in the socket when the next
 /// message is due later than this; shorter gaps are spun.
 const IDLE_WAIT_MIN_NS: f64 = 20_000.0;
 
 /// How datagrams reach the broker and come back.
 pub trait Link {
-    /// Hand every datagram waiting now to `on_datagram`; never blocks.
-    fn recv(&mut self, on_datagram: &mut dyn FnMut(&[u8])) -> io::Result<usize>;
+    /// Hand every datagram waiting now to `on_datagram`, with its sender
+    /// when the producer routes (`--brokers`), else `None`; never blocks.
+    fn recv(&mut self, on_datagram: &mut dyn FnMut(Option<SocketAddr>, &[u8]))
+    -> io::Result<usize>;
 
     /// Transmit every datagram `core` has ready at `now`; returns how many.
     fn transmit(&mut self, core: &mut ProducerState, now: Instant) -> io::Result<usize>;
@@ -66,6 +74,9 @@ pub struct Plan {
     pub inflight: usize,
     /// After the last offer, how long to wait for outstanding ACKs.
     pub drain: Duration,
+    /// `start` on the wall clock (ns since the Unix epoch), for reports
+    /// that other processes line up with (a failover's kill time).
+    pub start_unix_ns: u64,
 }
 
 /// Live counters the progress bar reads (relaxed; published once per iteration).
@@ -102,6 +113,17 @@ pub struct ProducerReport {
     pub unacked_at_end: usize,
     /// Datagrams handed to the link.
     pub datagrams: u64,
+    /// The longest time between two loop iterations that took ACKs, from
+    /// the first ACK on (a failover, a stall), in ns.
+    pub ack_gap_max_ns: u64,
+    /// When that longest silence ended (ns from start): the first ACK after it.
+    pub ack_gap_end_ns: u64,
+    /// Every silence of at least [`ACK_SILENCE_MIN_NS`] as (last ACK before,
+    /// first ACK after), ns from start; the first [`ACK_SILENCES_MAX`].
+    pub ack_silences: Vec<(u64, u64)>,
+    /// Each stream's destination at the end (with `--brokers`: the shard
+    /// leader the producer was redirected to), empty without routes.
+    pub destinations: Vec<(u32, SocketAddr)>,
 }
 
 /// Intended send times of the messages in flight on one stream, indexed by
@@ -161,7 +183,12 @@ pub fn run_producer(
         stats: ProducerStats::default(),
         unacked_at_end: 0,
         datagrams: 0,
+        ack_gap_max_ns: 0,
+        ack_gap_end_ns: 0,
+        ack_silences: Vec::with_capacity(ACK_SILENCES_MAX),
+        destinations: Vec::new(),
     };
+    let mut last_ack_ns: Option<u64> = None;
     let mut next_stream = 0usize;
     let mut drain_until: Option<Instant> = None;
     let mut published = 0u64;
@@ -172,7 +199,10 @@ pub fn run_producer(
         let now_ns = now.saturating_duration_since(plan.start).as_nanos() as u64;
         let in_window = now_ns >= plan.warmup_ns && now_ns < plan.end_ns;
 
-        let received = link.recv(&mut |bytes| core.handle_datagram(now, bytes))?;
+        let received = link.recv(&mut |from, bytes| match from {
+            Some(from) => core.handle_datagram_from(now, from, bytes),
+            None => core.handle_datagram(now, bytes),
+        })?;
         while let Some(event) = core.poll_event() {
             match event {
                 ProducerEvent::Delivered { ticket, delivery } => {
@@ -236,6 +266,18 @@ pub fn run_producer(
         let transmitted = link.transmit(&mut core, now)?;
         report.datagrams += transmitted as u64;
         if report.acked != published {
+            // Once per iteration that took ACKs, not per message.
+            if let Some(last) = last_ack_ns {
+                let gap = now_ns - last;
+                if gap > report.ack_gap_max_ns {
+                    report.ack_gap_max_ns = gap;
+                    report.ack_gap_end_ns = now_ns;
+                }
+                if gap >= ACK_SILENCE_MIN_NS && report.ack_silences.len() < ACK_SILENCES_MAX {
+                    report.ack_silences.push((last, now_ns));
+                }
+            }
+            last_ack_ns = Some(now_ns);
             progress
                 .acked
                 .fetch_add(report.acked - published, Ordering::Relaxed);
@@ -268,6 +310,11 @@ pub fn run_producer(
     report.latency = latency;
     report.stats = core.stats();
     report.unacked_at_end = core.buffered_frames();
+    report.destinations = plan
+        .streams
+        .iter()
+        .filter_map(|&stream| core.destination(stream).map(|addr| (stream, addr)))
+        .collect();
     Ok(report)
 }
 

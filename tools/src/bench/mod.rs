@@ -17,6 +17,15 @@
 //! log through its shared-memory mapping instead of fetching, and
 //! produce→visible latency is measured the same way; both options together
 //! compare the two consumers on the same messages.
+//!
+//! With `--brokers` the producers drive a cluster: each starts at
+//! `--broker`, follows `not_leader` redirects to its shards' leaders and
+//! rotates through the brokers when a destination is silent or knows no
+//! leader (kaelix-client's routes, as `ProducerBuilder::brokers`). The
+//! report then names each stream's final destination, the producers'
+//! redirects and rotations, and the longest silence between ACKs with its
+//! end on the wall clock, so a script that kills a shard leader can compute
+//! the time from the kill to the first ACK of the new leader.
 
 mod consume;
 mod load;
@@ -29,11 +38,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::{ArgAction, Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use kaelix_client::producer::Routes;
 use kaelix_client::{ProducerConfig, ProducerState};
 use kaelix_protocol::DurabilityLevel;
 
@@ -64,6 +74,12 @@ pub struct BenchArgs {
     /// The broker's UDP data address (shard 0).
     #[arg(long, default_value = "127.0.0.1:7000")]
     pub broker: SocketAddr,
+    /// The other brokers of a cluster (their UDP data addresses, shard 0),
+    /// comma-separated: producers start at --broker, follow `not_leader`
+    /// redirects to each shard's leader and move to the next broker of
+    /// --broker,--brokers when theirs is silent (socket sender only).
+    #[arg(long, value_delimiter = ',')]
+    pub brokers: Vec<SocketAddr>,
     /// Data-plane shards of the broker: stream s is sent to port + s % shards.
     #[arg(long, default_value_t = 1)]
     pub shards: u16,
@@ -192,6 +208,9 @@ fn check(args: &BenchArgs) -> anyhow::Result<()> {
         if args.producers != 1 {
             bail!("--sender af-xdp runs one producer (one AF_XDP socket on queue 0)");
         }
+        if !args.brokers.is_empty() {
+            bail!("--brokers needs --sender socket (the AF_XDP sender talks to one broker)");
+        }
     }
     Ok(())
 }
@@ -226,9 +245,14 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
         SenderKind::Socket => {
             let datagram_len = args.datagram_size.unwrap_or(1472);
             for _ in 0..args.producers {
-                let link =
-                    socket::SocketLink::bind(args.broker, args.shards, datagram_len, args.gso)
-                        .context("binding the producer's UDP socket")?;
+                let link = socket::SocketLink::bind(
+                    args.broker,
+                    args.shards,
+                    datagram_len,
+                    args.gso,
+                    !args.brokers.is_empty(),
+                )
+                .context("binding the producer's UDP socket")?;
                 sender_detail = format!(
                     "kernel UDP socket, {} datagrams per sendmsg at most (GSO {})",
                     link.max_segments(),
@@ -283,8 +307,21 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
         );
     }
 
+    let routes = if args.brokers.is_empty() {
+        None
+    } else {
+        let mut bootstrap = vec![args.broker];
+        bootstrap.extend_from_slice(&args.brokers);
+        Some(
+            Routes::new(&bootstrap, args.shards)
+                .map_err(|err| anyhow::anyhow!("--broker/--brokers: {err}"))?,
+        )
+    };
     let cores: Vec<ProducerState> = (0..links.len())
-        .map(|index| ProducerState::new(producer_config(index)))
+        .map(|index| match &routes {
+            Some(routes) => ProducerState::with_routes(producer_config(index), routes.clone()),
+            None => ProducerState::new(producer_config(index)),
+        })
         .collect();
     let producer_ids: Vec<u32> = cores.iter().map(ProducerState::producer_id).collect();
     // (remote?, consumer) for every stream and consumer kind asked for.
@@ -307,6 +344,9 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
     let warmup_ns = (args.warmup * 1e9) as u64;
     let end_ns = warmup_ns + (args.duration * 1e9) as u64;
     let start = Instant::now() + Duration::from_millis(20);
+    let start_unix_ns = (SystemTime::now() + Duration::from_millis(20))
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_nanos() as u64);
     let plan = Plan {
         start,
         message_size: args.message_size,
@@ -319,6 +359,7 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
             .map(|count| count.div_ceil(args.producers as u64)),
         inflight: args.inflight,
         drain: Duration::from_secs_f64(args.drain.max(0.0)),
+        start_unix_ns,
     };
     let progress = Arc::new(Progress::default());
     let producers_done = AtomicBool::new(false);
@@ -403,7 +444,7 @@ pub fn measure(args: &BenchArgs) -> anyhow::Result<Summary> {
         &streams,
         datagram_len,
         (args.sender.name(), sender_detail),
-        plan.warmup_ns,
+        &plan,
         reports,
         report::Consumed {
             remote: args.fetch.is_some().then(|| reports_of(remote)),

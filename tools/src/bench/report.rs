@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use super::BenchArgs;
 use super::consume::ConsumeReport;
-use super::load::{ProducerReport, new_histogram};
+use super::load::{Plan, ProducerReport, new_histogram};
 
 /// Percentiles reported, as (label, quantile).
 const PERCENTILES: [(&str, f64); 4] = [
@@ -44,6 +44,20 @@ pub struct Summary {
     timeouts: u64,
     datagrams: u64,
     latency: Histogram<u64>,
+    /// The cluster's other brokers (`--brokers`), empty for one broker.
+    brokers: Vec<String>,
+    /// Shards moved by a `not_leader` redirect / to the next broker.
+    redirects: u64,
+    rotations: u64,
+    /// (stream, destination) at the end of the run, every producer's, deduplicated.
+    destinations: Vec<(u32, String)>,
+    /// The longest silence between ACKs of any producer (ns), and when it
+    /// ended on the wall clock (ns since the Unix epoch; 0: never two ACKs).
+    ack_gap_max_ns: u64,
+    ack_gap_end_unix_ns: u64,
+    /// Every producer's silences between ACKs of 10 ms or more, as (last
+    /// ACK before, first ACK after) on the wall clock, sorted.
+    ack_silences_unix_ns: Vec<(u64, u64)>,
     /// Remote (TCP fetch) consumers' figures, when they ran (`--fetch`).
     end_to_end: Option<EndToEnd>,
     /// Local (mapped log) consumers' figures, when they ran (`--local`).
@@ -144,7 +158,7 @@ impl Summary {
         streams: &[u32],
         datagram_len: usize,
         (sender, sender_detail): (&'static str, String),
-        warmup_ns: u64,
+        plan: &Plan,
         reports: Vec<ProducerReport>,
         consumed: Consumed,
     ) -> Self {
@@ -174,6 +188,13 @@ impl Summary {
             timeouts: 0,
             datagrams: 0,
             latency: new_histogram(),
+            brokers: args.brokers.iter().map(ToString::to_string).collect(),
+            redirects: 0,
+            rotations: 0,
+            destinations: Vec::new(),
+            ack_gap_max_ns: 0,
+            ack_gap_end_unix_ns: 0,
+            ack_silences_unix_ns: Vec::new(),
             end_to_end: consumed.remote.map(EndToEnd::merge),
             local: consumed.local.map(EndToEnd::merge),
         };
@@ -192,11 +213,30 @@ impl Summary {
             summary.retransmitted += report.stats.frames_retransmitted;
             summary.timeouts += report.stats.timeouts;
             summary.datagrams += report.datagrams;
+            summary.redirects += report.stats.redirects;
+            summary.rotations += report.stats.rotations;
+            for (stream, addr) in &report.destinations {
+                let entry = (*stream, addr.to_string());
+                if !summary.destinations.contains(&entry) {
+                    summary.destinations.push(entry);
+                }
+            }
+            summary.ack_silences_unix_ns.extend(
+                report
+                    .ack_silences
+                    .iter()
+                    .map(|&(from, to)| (plan.start_unix_ns + from, plan.start_unix_ns + to)),
+            );
+            if report.ack_gap_max_ns > summary.ack_gap_max_ns {
+                summary.ack_gap_max_ns = report.ack_gap_max_ns;
+                summary.ack_gap_end_unix_ns = plan.start_unix_ns + report.ack_gap_end_ns;
+            }
             if let Some(level) = report.level {
                 summary.level = Some(level.name().to_string());
             }
         }
-        summary.window_secs = window_end_ns.saturating_sub(warmup_ns) as f64 / 1e9;
+        summary.ack_silences_unix_ns.sort_unstable();
+        summary.window_secs = window_end_ns.saturating_sub(plan.warmup_ns) as f64 / 1e9;
         summary.latency = latency;
         summary
     }
@@ -350,6 +390,27 @@ impl Summary {
                 table.add_row(vec![name, value]);
             }
         }
+        if !self.brokers.is_empty() {
+            let destinations: Vec<String> = self
+                .destinations
+                .iter()
+                .map(|(stream, addr)| format!("stream {stream} -> {addr}"))
+                .collect();
+            table.add_row(vec![
+                "cluster".to_string(),
+                format!(
+                    "also {}; at the end {}; {} redirects, {} rotations",
+                    self.brokers.join(", "),
+                    destinations.join(", "),
+                    self.redirects,
+                    self.rotations
+                ),
+            ]);
+        }
+        table.add_row(vec![
+            "longest silence between ACKs".to_string(),
+            format!("{:.1} us", self.ack_gap_max_ns as f64 / 1e3),
+        ]);
         table.add_row(vec![
             "messages".to_string(),
             format!(
@@ -404,6 +465,21 @@ impl Summary {
             "unacked_at_end": self.unacked_at_end,
             "retransmitted_frames": self.retransmitted,
             "retransmit_timeouts": self.timeouts,
+            "brokers": self.brokers,
+            "redirects": self.redirects,
+            "rotations": self.rotations,
+            "destinations": self
+                .destinations
+                .iter()
+                .map(|(stream, addr)| json!({"stream": stream, "addr": addr}))
+                .collect::<Vec<_>>(),
+            "ack_silence_max_us": self.ack_gap_max_ns as f64 / 1e3,
+            "ack_silence_end_unix_ns": self.ack_gap_end_unix_ns,
+            "ack_silences_unix_ns": self
+                .ack_silences_unix_ns
+                .iter()
+                .map(|(from, to)| json!({"last_ack": from, "next_ack": to}))
+                .collect::<Vec<_>>(),
             "warnings": self.warnings(),
         })
     }

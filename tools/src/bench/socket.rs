@@ -3,6 +3,11 @@
 //! the kernel splits them) and ACKs taken with `recvmmsg` (and GRO), both
 //! through quinn-udp. Without GSO support (or with `--gso off`) each datagram
 //! is its own `sendmsg`.
+//!
+//! With routes (`--brokers`, a cluster) each datagram goes to its stream's
+//! current destination in the producer ([`ProducerState::destination`]:
+//! the shard leader after a `not_leader` redirect) and replies are handed
+//! in with their sender, so stale redirects are told apart.
 
 use std::io::{self, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};
@@ -31,15 +36,19 @@ pub struct SocketLink {
     tx_buffer: Vec<u8>,
     datagram_len_max: usize,
     max_segments: usize,
+    /// The producer routes: destinations come from it, replies go in with their sender.
+    routed: bool,
 }
 
 impl SocketLink {
     /// Bind an ephemeral port on the unspecified address of `broker`'s family.
+    /// `routed`: the producer has routes (see the module docs).
     pub fn bind(
         broker: SocketAddr,
         shards: u16,
         datagram_len_max: usize,
         gso: bool,
+        routed: bool,
     ) -> io::Result<Self> {
         let bind: SocketAddr = if broker.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
@@ -69,6 +78,7 @@ impl SocketLink {
             state,
             broker,
             shards: shards.max(1),
+            routed,
         })
     }
 
@@ -131,7 +141,10 @@ impl Link for SocketLink {
         }
     }
 
-    fn recv(&mut self, on_datagram: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+    fn recv(
+        &mut self,
+        on_datagram: &mut dyn FnMut(Option<SocketAddr>, &[u8]),
+    ) -> io::Result<usize> {
         let mut total = 0;
         loop {
             let count = {
@@ -164,8 +177,9 @@ impl Link for SocketLink {
                 let start = index * self.rx_buffer_len;
                 let buffer = &self.rx_buffers[start..start + meta.len];
                 let stride = meta.stride.max(1);
+                let from = self.routed.then_some(meta.addr);
                 for datagram in buffer.chunks(stride) {
-                    on_datagram(datagram);
+                    on_datagram(from, datagram);
                     total += 1;
                 }
             }
@@ -183,7 +197,10 @@ impl Link for SocketLink {
         let mut to = self.broker;
         while let Some(transmit) = core.poll_transmit(now, &mut self.tx_buffer[used..]) {
             sent += 1;
-            let destination = self.destination(transmit.stream_id);
+            let destination = match core.destination(transmit.stream_id) {
+                Some(routed) if self.routed => routed,
+                _ => self.destination(transmit.stream_id),
+            };
             if segments > 0 && (destination != to || transmit.len > segment) {
                 // Cannot join the pending GSO send: send that, move this one to the front.
                 self.send(to, used, segment);

@@ -159,9 +159,12 @@ impl Link for XdpLink {
             .map_err(io::Error::other)
     }
 
-    fn recv(&mut self, on_datagram: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+    fn recv(
+        &mut self,
+        on_datagram: &mut dyn FnMut(Option<std::net::SocketAddr>, &[u8]),
+    ) -> io::Result<usize> {
         self.backend
-            .recv_batch(&mut |payload, _peer| on_datagram(payload))
+            .recv_batch(&mut |payload, _peer| on_datagram(None, payload))
             .map_err(io::Error::other)
     }
 
