@@ -430,3 +430,54 @@ fn a_replicated_frame_is_acked_only_once_the_quorum_has_it() {
     runtime.block_on(f3.shutdown()).unwrap();
     runtime.block_on(leader.shutdown());
 }
+
+/// Simulation seeds 25 and 161 (`controlplane/src/replication/sim_tests.rs`):
+/// a restarted follower told to truncate drops segments it acknowledged,
+/// and its old ACK must stop counting; otherwise the leader later commits
+/// (with another follower's ACK, or once its lease is renewed) records that
+/// only it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_told_to_truncate_no_longer_counts_at_its_old_position() {
+    use kaelix_controlplane::replication::{ask_plan, wire::Plan};
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut log = open_leader(dirs[0].path());
+    let flusher = FlushThread::start(log.flusher().unwrap());
+    let leader = ReplicationLeader::start(
+        "127.0.0.1:0".parse().unwrap(),
+        vec![LeaderShard::new(0, &log, &[2, 3])],
+        replication(),
+    )
+    .await
+    .unwrap();
+    let addr = leader.local_addr();
+    let f2 = follower(2, dirs[1].path(), addr).await;
+    let mut seq = 0;
+    let end = append(&mut log, &mut seq, 200);
+    let acked = |leader: &ReplicationLeader| {
+        leader
+            .progress(0)
+            .unwrap()
+            .iter()
+            .find(|p| p.node_id == 2)
+            .unwrap()
+            .appended
+    };
+    wait_until("the leader saw follower 2's ACK", || acked(&leader) == end).await;
+    f2.shutdown().await.unwrap();
+    // Restarted: its recovery sealed its last segment, which proves nothing.
+    let tail = ShardLog::open(config(dirs[1].path()))
+        .unwrap()
+        .0
+        .replica_tail();
+    let Plan::Truncate(segment) = ask_plan(addr, 0, 2, tail).await.unwrap() else {
+        panic!("a log ending in a recovery seal is truncated");
+    };
+    assert!(segment * SEGMENT < end, "it drops records it acknowledged");
+    assert!(
+        acked(&leader) <= segment * SEGMENT,
+        "follower 2 still counts at {} after being told to drop segment {segment} on",
+        acked(&leader)
+    );
+    leader.shutdown().await;
+    drop(flusher.stop());
+}

@@ -339,6 +339,14 @@ async fn serve(
         CatchUp::Truncate { segment } => Plan::Truncate(segment),
         CatchUp::Unavailable { first_position } => Plan::Unavailable(first_position),
     };
+    if let Plan::Truncate(segment) = plan {
+        // The follower drops its segments from `segment` (a restarted one
+        // before its shard opens, possibly ones it acknowledged): what it
+        // acknowledged there no longer counts towards the quorum.
+        let kept = segment.saturating_mul(raw.segment_size());
+        slot.appended.fetch_min(kept, Ordering::AcqRel);
+        slot.synced.fetch_min(kept, Ordering::AcqRel);
+    }
     wire::encode_plan(&mut out, plan);
     wr.write_all(&out).await?;
     let Plan::Resume(from) = plan else {
