@@ -161,9 +161,16 @@ impl ReplicaFollower {
         submit: ShardSubmit,
         commit: CommitPositions,
     ) -> Self {
-        // Consumers of a replica never see beyond the leader's commit.
+        // Consumers of a replica never see beyond the leader's commit. A
+        // freshly opened log knows no commit (standalone, its replicated
+        // levels are its own positions): from 0, or its recovered tail
+        // would count as committed if it took the lead (simulation seed 624).
         let own = commit.positions();
-        commit.attach(own.replicated.min(own.appended), own.replicated_synced);
+        if commit.is_attached() {
+            commit.attach(own.replicated.min(own.appended), own.replicated_synced);
+        } else {
+            commit.attach(0, 0);
+        }
         Self::spawn(
             config,
             replication,

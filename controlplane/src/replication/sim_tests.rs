@@ -60,6 +60,12 @@
 //!   had acknowledged, so the leader later committed records only it held
 //!   (seeds 25 and 161; fixed in `leader.rs` `serve`, regression test
 //!   `a_follower_told_to_truncate_no_longer_counts_at_its_old_position`).
+//! - `ReplicaFollower::start_on_shard` attached a freshly opened log (no
+//!   commit known, its replicated levels its own end) at its appended
+//!   position, so a restarted replica that then took the lead published
+//!   its whole log, recovery seals included, as committed (seeds 624 and
+//!   772; it now attaches such a log at 0, like `attach_as_leader`).
+//!   [`the_seeds_of_fixed_bugs_pass`] replays these seeds.
 //!
 //! Open bugs (so the sweep is still `#[ignore]`d;
 //! `cargo test -p kaelix-controlplane --lib sim_tests -- --ignored`):
@@ -73,8 +79,6 @@
 //!   restart) and drops every acknowledged message (seed 70: failover
 //!   1 -> 2 at step 111, node 2 restarted at 133 truncated from segment 0
 //!   "before start (leader 1)"; seeds 67, 614, 728 alike).
-//! - Seeds 624 and 772 (of 1000): a node taking the lead at epoch 2 starts
-//!   with a commit position its log alone holds (not analysed yet).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -589,7 +593,11 @@ impl Sim {
                 // `ReplicaFollower::start_on_shard`.
                 let commit = node.log().commit_positions();
                 let own = commit.positions();
-                commit.attach(own.replicated.min(own.appended), own.replicated_synced);
+                if commit.is_attached() {
+                    commit.attach(own.replicated.min(own.appended), own.replicated_synced);
+                } else {
+                    commit.attach(0, 0);
+                }
                 node.follower = Some(FollowerState {
                     leader,
                     phase: Phase::Waiting(0),
@@ -1464,6 +1472,18 @@ fn a_restarted_leader_does_not_count_its_tail_as_committed() {
     let commit = alone.commit_positions();
     attach_as_leader(&commit, 0);
     assert_eq!(commit.positions().replicated, alone.positions().appended);
+}
+
+/// The seeds that found the bugs fixed since (of the current schedule): a
+/// follower told to truncate counted at its old position (25, 161), a
+/// follower's freshly opened log attached at its own end (624, 772).
+#[test]
+fn the_seeds_of_fixed_bugs_pass() {
+    for seed in [25, 161, 624, 772] {
+        if let Err(err) = run_seed(seed) {
+            panic!("simulation seed {seed} (replay: KAELIX_SIM_SEED={seed}): {err}");
+        }
+    }
 }
 
 #[test]
