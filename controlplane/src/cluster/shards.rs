@@ -157,6 +157,8 @@ pub(crate) async fn run(
         if metrics.current_leader == Some(local.node.id()) {
             // The controller's own broker: its lease holds while a quorum
             // of the Raft group still follows this leader.
+            // A controller that lost its quorum (a new Raft leader may be
+            // running one already) stops too: its questions renew leases.
             let lease_ms = local.settings.failover_after_ms / 2;
             let alone = metrics.membership_config.membership().voter_ids().count() <= 1;
             if alone
@@ -165,8 +167,10 @@ pub(crate) async fn run(
                     .is_some_and(|ms| ms < lease_ms)
             {
                 lease.renew();
+                controller.tick(&local, &metadata).await;
+            } else {
+                controller = Controller::default();
             }
-            controller.tick(&local, &metadata).await;
         } else {
             controller = Controller::default();
         }
@@ -594,23 +598,39 @@ pub async fn catch_up_before_start(
     }
     let metadata = node.metadata();
     let me = section.node_id;
-    // Who leads each shard now, by the highest epoch a member claims.
-    let mut leaders: BTreeMap<u32, (u64, NodeId)> = BTreeMap::new();
-    for (id, member) in metadata.members.iter().filter(|(id, _)| **id != me) {
-        let Ok(positions) = shard_positions(&member.raft_addr, Duration::from_secs(1)).await else {
-            continue;
-        };
-        for position in positions.iter().filter(|p| p.leading) {
-            let entry = leaders.entry(position.shard).or_insert((0, *id));
-            if position.epoch >= entry.0 {
-                *entry = (position.epoch, *id);
-            }
-        }
-    }
+    // The leader the applied metadata names for each shard, asked whether
+    // it leads that shard at that very epoch: a member still claiming an
+    // older epoch (cut off, not yet told) must never decide what this log
+    // drops, and neither may anyone when the metadata names this node.
+    let mut answers: BTreeMap<NodeId, Vec<ShardPosition>> = BTreeMap::new();
     for shard in 0..config.broker.shards {
-        let Some(&(epoch, leader)) = leaders.get(&shard) else {
+        let Some(assignment) = metadata.shards.get(&shard) else {
             continue;
         };
+        let (leader, epoch) = (assignment.leader, assignment.epoch);
+        if leader == me || !assignment.replicas.contains(&me) {
+            continue;
+        }
+        let Some(member) = metadata.members.get(&leader) else {
+            continue;
+        };
+        let answer = match answers.entry(leader) {
+            std::collections::btree_map::Entry::Occupied(known) => known.into_mut(),
+            std::collections::btree_map::Entry::Vacant(slot) => slot.insert(
+                shard_positions(&member.raft_addr, Duration::from_secs(1))
+                    .await
+                    .unwrap_or_default(),
+            ),
+        };
+        let confirmed = answer
+            .iter()
+            .any(|p| p.shard == shard && p.leading && p.epoch == epoch);
+        if !confirmed {
+            warnings.push(format!(
+                "shard {shard}: leader {leader} does not confirm epoch {epoch}; the log is not compared before start"
+            ));
+            continue;
+        }
         let Some(replication) = metadata
             .nodes
             .get(&leader)

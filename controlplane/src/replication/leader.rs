@@ -430,6 +430,11 @@ async fn stream_records(
                     let Message::Ack { appended, synced } = message else {
                         return Err(SessionError::Protocol("follower sent something else than an ack".into()));
                     };
+                    // A newer session of this follower owns the slot (it
+                    // may have lowered it after a truncation): drop ours.
+                    if slot.session.load(Ordering::Acquire) != session {
+                        return Ok(());
+                    }
                     slot.appended.store(appended, Ordering::Release);
                     slot.synced.store(synced, Ordering::Release);
                     acked = appended;
