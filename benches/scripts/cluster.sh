@@ -31,7 +31,7 @@
 # default"): a fresh 3-node cluster, a producer at RATE msgs/s on the
 # replicated stream for 4 s, the shard leader killed with SIGKILL 2 s in.
 # Figure: kill to first ACK from the new leader = the end of the ACK
-# silence (kaelix bench lists every silence of >= 10 ms between ACKs,
+# silence (kaelix bench lists every silence of >= 10 ms between ACKs (the first 1024),
 # ack_silences_unix_ns, wall clock) that contains the wall clock of the
 # kill (`date +%s%N` right before kill -KILL); also that silence (last ACK
 # of the old leader to first of the new), the run's longest silence and its

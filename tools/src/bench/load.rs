@@ -34,7 +34,7 @@ const OFFER_BUDGET: usize = 2048;
 pub const ACK_SILENCE_MIN_NS: u64 = 10_000_000;
 /// Silences listed per producer at most (the first ones; the longest is
 /// always kept apart).
-const ACK_SILENCES_MAX: usize = 64;
+const ACK_SILENCES_MAX: usize = 1024;
 /// In fixed-rate mode an idle producer waits in the socket when the next
 /// message is due later than this; shorter gaps are spun.
 const IDLE_WAIT_MIN_NS: f64 = 20_000.0;
