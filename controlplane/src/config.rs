@@ -312,7 +312,7 @@ impl Default for ClusterSection {
             election_timeout_max_ms: 300,
             replication_factor: 0,
             replication_addr: "127.0.0.1:7005".parse().expect("valid literal"),
-            failover_after_ms: 150,
+            failover_after_ms: 1000,
         }
     }
 }

@@ -93,12 +93,17 @@ pub(crate) async fn run(
     // broker: each of its questions renews the lease, which lasts half the
     // silence after which it moves the shards elsewhere.
     let lease = Lease::new(Duration::from_millis(settings.failover_after_ms / 2));
-    let position_broker = broker.clone();
+    // Weak: the node outlives this task, and the control plane's shutdown
+    // waits for the last strong reference to the broker to go.
+    let position_broker = Arc::downgrade(&broker);
     let position_epochs = agreed.clone();
     let position_lease = lease.clone();
     node.set_position_source(Arc::new(move || {
+        let Some(broker) = position_broker.upgrade() else {
+            return Vec::new();
+        };
         position_lease.renew();
-        positions(&position_broker, &position_epochs)
+        positions(&broker, &position_epochs)
     }));
     let replication = ReplicationConfig {
         lease: Some(lease.clone()),
@@ -336,9 +341,13 @@ impl Local {
                             continue;
                         }
                     };
-                    let broker = self.broker.clone();
-                    let submit: ShardSubmit =
-                        Arc::new(move |task| broker.shards()[index].offer(task));
+                    let broker = Arc::downgrade(&self.broker);
+                    let submit: ShardSubmit = Arc::new(move |task| match broker.upgrade() {
+                        Some(broker) => broker.shards()[index].offer(task),
+                        None => Err(crate::replication::SubmitRefused::Gone(
+                            "the broker is stopping".into(),
+                        )),
+                    });
                     let config = FollowerConfig {
                         node_id: self.node.id(),
                         shard,
@@ -572,7 +581,14 @@ pub async fn catch_up_before_start(
     let mut metrics = node.raft().metrics();
     let heard = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            if metrics.borrow_and_update().current_leader.is_some() {
+            // A restarted node first believes its own old vote: wait for a
+            // leader that is someone else, or for this node to lead with a
+            // quorum behind it.
+            let now = metrics.borrow_and_update().clone();
+            let me = now.id;
+            let led =
+                now.state == openraft::ServerState::Leader && now.millis_since_quorum_ack.is_some();
+            if now.current_leader.is_some_and(|leader| leader != me) || led {
                 return;
             }
             if metrics.changed().await.is_err() {
@@ -584,17 +600,49 @@ pub async fn catch_up_before_start(
     if heard.is_err() {
         return warnings;
     }
-    // Let the log the leader sends apply (until nothing new for 3 heartbeats).
-    let quiet = Duration::from_millis(section.heartbeat_ms.saturating_mul(3).max(30));
-    let mut last = metrics.borrow().last_applied;
-    let settle_until = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < settle_until {
-        tokio::time::sleep(quiet).await;
-        let now = metrics.borrow().last_applied;
-        if now == last {
-            break;
+    // Apply what the Raft leader has applied (a restarted node's log may
+    // lag behind by a failover or two; the leader may retry it slowly).
+    let leader = metrics.borrow().current_leader;
+    let leader_addr = leader.and_then(|id| {
+        metrics
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .map(|member| member.raft_addr.clone())
+    });
+    if let (Some(leader), Some(addr)) = (leader, leader_addr)
+        && leader != section.node_id
+    {
+        let target = async {
+            let mut client = super::network::client(&addr).ok()?;
+            let reply = client.status(super::pb::StatusRequest {}).await.ok()?;
+            reply.into_inner().applied_index
+        };
+        let target = tokio::time::timeout(Duration::from_secs(2), target)
+            .await
+            .ok()
+            .flatten();
+        if let Some(target) = target {
+            let caught_up = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    let applied = metrics.borrow_and_update().last_applied.map(|id| id.index);
+                    if applied.is_some_and(|index| index >= target) {
+                        return;
+                    }
+                    if metrics.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await;
+            if caught_up.is_err() {
+                warnings.push(format!(
+                    "the Raft log did not catch up with the leader's (index {target}) within 5 s; \
+                     the shard logs are compared with the metadata applied so far"
+                ));
+            }
         }
-        last = now;
     }
     let metadata = node.metadata();
     let me = section.node_id;
