@@ -1,8 +1,10 @@
 //! Shared helpers for the cross-crate integration tests in `tests/tests/`.
 //! Test files are named by area: `storage_*.rs`, `e2e_*.rs`, `xdp_*.rs`.
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// The `kaelix` binary next to the running test's directory (cargo builds
@@ -61,4 +63,22 @@ pub fn output_within(mut child: Child, limit: Duration, what: &str) -> std::proc
     child
         .wait_with_output()
         .expect("collecting a child's output")
+}
+
+/// The lines `child` prints on its (piped) stdout, read on a thread of
+/// their own until it closes (still drained after the receiver is gone, so
+/// the child never blocks on a full pipe).
+///
+/// # Panics
+/// When the child's stdout was not piped.
+pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    rx
 }

@@ -4,12 +4,10 @@
 //! every exit path, so it removes its live segments from /dev/shm) and check
 //! what the JSON report says, not how fast this machine is.
 
-use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kaelix_tests::kaelix_bin;
 use serde_json::Value;
@@ -49,26 +47,22 @@ impl Broker {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting kaelix serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                if let Some(rest) = line.strip_prefix("kaelix broker ready: data ") {
-                    let addr = rest
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or_default()
-                        .to_string();
-                    let _ = tx.send(addr);
-                }
+        let lines = kaelix_tests::stdout_lines(&mut child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let data = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines
+                .recv_timeout(left)
+                .expect("kaelix serve printed its data address");
+            if let Some(rest) = line.strip_prefix("kaelix broker ready: data ") {
+                break rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .parse()
+                    .expect("a socket address");
             }
-        });
-        let data = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("kaelix serve printed its data address")
-            .parse()
-            .expect("a socket address");
+        };
         Self {
             child,
             data,

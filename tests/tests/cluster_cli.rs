@@ -8,10 +8,8 @@
 //! failure too, and lives in its own temporary directory on ports the OS
 //! picks.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use kaelix_controlplane::cluster::pb::StatusRequest;
@@ -60,14 +58,7 @@ impl Node {
             .stderr(Stdio::null())
             .spawn()
             .expect("starting kaelix serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
+        let rx = kaelix_tests::stdout_lines(&mut child);
         let mut node = Self {
             id,
             child,

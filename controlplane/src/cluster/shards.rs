@@ -161,20 +161,25 @@ pub(crate) async fn run(
         let metrics = local.node.raft().metrics().borrow().clone();
         if metrics.current_leader == Some(local.node.id()) {
             // The controller's own broker: its lease holds while a quorum
-            // of the Raft group still follows this leader.
-            // A controller that lost its quorum (a new Raft leader may be
+            // of the Raft group still follows this leader. A controller
+            // that lost its quorum (a new Raft leader may be
             // running one already) stops too: its questions renew leases.
+            // Leadership is confirmed by a heartbeat round to a quorum
+            // (openraft's metrics only report the time since the last
+            // quorum ack when they are published, which can be long ago).
             let lease_ms = local.settings.failover_after_ms / 2;
-            let alone = metrics.membership_config.membership().voter_ids().count() <= 1;
-            if alone
-                || metrics
-                    .millis_since_quorum_ack
-                    .is_some_and(|ms| ms < lease_ms)
-            {
-                lease.renew();
+            let asked = Instant::now();
+            let confirmed = tokio::time::timeout(
+                Duration::from_millis(lease_ms.max(1)),
+                local.node.raft().get_read_log_id(),
+            )
+            .await
+            .is_ok_and(|answer| answer.is_ok());
+            // Unconfirmed: skip this tick (each tick asks everybody before
+            // it judges anyone silent).
+            if confirmed {
+                lease.renew_since(asked);
                 controller.tick(&local, &metadata).await;
-            } else {
-                controller = Controller::default();
             }
         } else {
             controller = Controller::default();

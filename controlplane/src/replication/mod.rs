@@ -101,9 +101,14 @@ impl Lease {
 
     /// Valid for `length` from now.
     pub fn renew(&self) {
-        let until = self
-            .now_ns()
-            .saturating_add(u64::try_from(self.length.as_nanos()).unwrap_or(u64::MAX));
+        self.renew_since(Instant::now());
+    }
+
+    /// Valid for `length` from `at` (when the evidence for it was asked).
+    pub fn renew_since(&self, at: Instant) {
+        let since =
+            u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX);
+        let until = since.saturating_add(u64::try_from(self.length.as_nanos()).unwrap_or(u64::MAX));
         self.until_ns.fetch_max(until, Ordering::AcqRel);
     }
 
