@@ -382,6 +382,28 @@ impl Local {
         if let Some(leader) = self.leader.take() {
             leader.shutdown().await;
         }
+        // The old listener is closed; rebinding its port may take a moment.
+        for attempt in 0..50 {
+            // Taken again for every attempt: a failed start consumes them.
+            let led = self.led_shards().await;
+            match ReplicationLeader::start(self.replication_addr, led, self.replication.clone())
+                .await
+            {
+                Ok(leader) => {
+                    self.leader = Some(leader);
+                    return;
+                }
+                Err(err) if attempt == 49 => {
+                    tracing::error!(addr = %self.replication_addr, error = %err, "the replication listener cannot be bound again");
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// The shards led here, as the replication leader serves them.
+    async fn led_shards(&self) -> Vec<LeaderShard> {
         let mut led = Vec::new();
         for (index, role) in self.roles.iter().enumerate() {
             let Role::Lead { followers, .. } = role else {
@@ -404,51 +426,6 @@ impl Local {
                 Err(err) => {
                     tracing::error!(shard = index, error = %err, "cannot serve the shard to its followers");
                 }
-            }
-        }
-        // The old listener is closed; rebinding its port may take a moment.
-        for attempt in 0..50 {
-            match ReplicationLeader::start(
-                self.replication_addr,
-                std::mem::take(&mut led),
-                self.replication.clone(),
-            )
-            .await
-            {
-                Ok(leader) => {
-                    self.leader = Some(leader);
-                    return;
-                }
-                Err(err) => {
-                    if attempt == 49 {
-                        tracing::error!(addr = %self.replication_addr, error = %err, "the replication listener cannot be bound again");
-                        return;
-                    }
-                    // `led` was consumed: rebuild it on the next attempt.
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    led = self.led_shards().await;
-                }
-            }
-        }
-    }
-
-    async fn led_shards(&self) -> Vec<LeaderShard> {
-        let mut led = Vec::new();
-        for (index, role) in self.roles.iter().enumerate() {
-            let Role::Lead { followers, .. } = role else {
-                continue;
-            };
-            let handle = &self.broker.shards()[index];
-            if let Ok((raw, commit)) =
-                crate::shard_call::call(handle, |log, _| (log.raw_reader(), log.commit_positions()))
-                    .await
-            {
-                led.push(LeaderShard::from_parts(
-                    index as u32,
-                    raw,
-                    commit,
-                    followers,
-                ));
             }
         }
         led
