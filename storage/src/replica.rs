@@ -785,6 +785,24 @@ mod tests {
         files
     }
 
+    /// A leader's and a follower's log, each in a temporary directory of
+    /// its own, with their flushers.
+    fn pair() -> (
+        tempfile::TempDir,
+        tempfile::TempDir,
+        ShardLog,
+        ShardLog,
+        crate::Flusher,
+        crate::Flusher,
+    ) {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let leader = open(config(a.path()));
+        let follower = open(config(b.path()));
+        let leader_flusher = leader.flusher().unwrap();
+        let follower_flusher = follower.flusher().unwrap();
+        (a, b, leader, follower, leader_flusher, follower_flusher)
+    }
+
     /// Copy everything to the disk copy (flushers taken at open).
     fn flush(flushers: &mut [&mut crate::Flusher]) {
         for flusher in flushers {
@@ -794,11 +812,7 @@ mod tests {
 
     #[test]
     fn a_follower_holds_the_leaders_bytes_at_the_same_positions() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut leader = open(config(a.path()));
-        let mut follower = open(config(b.path()));
-        let mut leader_flusher = leader.flusher().unwrap();
-        let mut follower_flusher = follower.flusher().unwrap();
+        let (a, b, mut leader, mut follower, mut leader_flusher, mut follower_flusher) = pair();
         let mut raw = leader.raw_reader();
         let mut seq = 0;
         // Three segments and a bit: rolls travel as END markers.
@@ -927,11 +941,7 @@ mod tests {
 
     #[test]
     fn a_restarted_follower_drops_its_resealed_segment_and_catches_up() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut leader = open(config(a.path()));
-        let mut follower = open(config(b.path()));
-        let mut leader_flusher = leader.flusher().unwrap();
-        let mut follower_flusher = follower.flusher().unwrap();
+        let (a, b, mut leader, mut follower, mut leader_flusher, mut follower_flusher) = pair();
         let mut raw = leader.raw_reader();
         let mut seq = 0;
         append(&mut leader, &mut seq, 80, 1_000); // into segment 1
@@ -972,11 +982,7 @@ mod tests {
 
     #[test]
     fn recovery_seals_at_the_same_place_do_not_make_different_logs_match() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut leader = open(config(a.path()));
-        let mut follower = open(config(b.path()));
-        let mut leader_flusher = leader.flusher().unwrap();
-        let mut follower_flusher = follower.flusher().unwrap();
+        let (a, b, mut leader, mut follower, mut leader_flusher, mut follower_flusher) = pair();
         // Same sizes, different records: the logs end at the same position.
         let (mut seq, mut other_seq) = (0, 1_000_000);
         append(&mut leader, &mut seq, 5, 1_000);
@@ -999,11 +1005,7 @@ mod tests {
 
     #[test]
     fn a_divergent_tail_is_truncated_to_the_commit_position() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let mut leader = open(config(a.path()));
-        let mut follower = open(config(b.path()));
-        let mut leader_flusher = leader.flusher().unwrap();
-        let mut follower_flusher = follower.flusher().unwrap();
+        let (a, b, mut leader, mut follower, mut leader_flusher, mut follower_flusher) = pair();
         let mut raw = leader.raw_reader();
         let mut seq = 0;
         append(&mut leader, &mut seq, 70, 1_000); // into segment 1

@@ -190,10 +190,10 @@ fn readable(log: &mut ShardLog, limit: u64) -> u64 {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replication_commits_with_a_quorum_and_followers_catch_up() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut log = open_leader(dirs[0].path());
+/// The leader's log of shard 0 in `dir`, its flusher thread, and a
+/// replication leader serving it to followers 2 and 3 on a free port.
+async fn lead_shard_0(dir: &Path) -> (ShardLog, FlushThread, ReplicationLeader) {
+    let log = open_leader(dir);
     let flusher = FlushThread::start(log.flusher().unwrap());
     let leader = ReplicationLeader::start(
         "127.0.0.1:0".parse().unwrap(),
@@ -202,6 +202,13 @@ async fn replication_commits_with_a_quorum_and_followers_catch_up() {
     )
     .await
     .unwrap();
+    (log, flusher, leader)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_commits_with_a_quorum_and_followers_catch_up() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (mut log, flusher, leader) = lead_shard_0(dirs[0].path()).await;
     let addr = leader.local_addr();
     let mut f2 = Some(follower(2, dirs[1].path(), addr).await);
     let mut f3 = Some(follower(3, dirs[2].path(), addr).await);
@@ -440,15 +447,7 @@ fn a_replicated_frame_is_acked_only_once_the_quorum_has_it() {
 async fn a_follower_told_to_truncate_no_longer_counts_at_its_old_position() {
     use kaelix_controlplane::replication::{ask_plan, wire::Plan};
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut log = open_leader(dirs[0].path());
-    let flusher = FlushThread::start(log.flusher().unwrap());
-    let leader = ReplicationLeader::start(
-        "127.0.0.1:0".parse().unwrap(),
-        vec![LeaderShard::new(0, &log, &[2, 3])],
-        replication(),
-    )
-    .await
-    .unwrap();
+    let (mut log, flusher, leader) = lead_shard_0(dirs[0].path()).await;
     let addr = leader.local_addr();
     let f2 = follower(2, dirs[1].path(), addr).await;
     let mut seq = 0;
