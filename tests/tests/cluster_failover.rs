@@ -10,6 +10,13 @@
 //!   message is then read back from the last leader exactly once, in order.
 //!   The time from each kill to the next acknowledgement is printed (not
 //!   asserted: performance is measured in benchmarks, not tests).
+//! - Node add/remove under load: a fourth broker joins (`kaelix cluster
+//!   join`) while the producer writes, a follower replica of the shard
+//!   leaves (`kaelix cluster leave`) and is stopped; the controller adds the
+//!   new node to the replica set, and drops the departed one once the new
+//!   replica caught up. Then the shard leader is killed: a replica of the new
+//!   set takes over and every acknowledged message is read back once, in
+//!   order.
 //! - With both followers stopped (SIGSTOP) the leader, a minority, commits
 //!   nothing; once they continue, everything is acknowledged.
 //!
@@ -153,10 +160,10 @@ impl Drop for Node {
     }
 }
 
-/// The directories of three nodes (declared before the nodes, so that they
-/// outlive them).
-fn node_dirs() -> Vec<tempfile::TempDir> {
-    (1..=3)
+/// The directories of `count` nodes (declared before the nodes, so that
+/// they outlive them).
+fn node_dirs(count: u64) -> Vec<tempfile::TempDir> {
+    (1..=count)
         .map(|id| {
             tempfile::Builder::new()
                 .prefix(&format!("kaelix-failover-{id}-"))
@@ -166,11 +173,11 @@ fn node_dirs() -> Vec<tempfile::TempDir> {
         .collect()
 }
 
-/// Three nodes in `dirs` formed into a cluster.
+/// One node in each of `dirs` (ids from 1) formed into a cluster.
 fn cluster(bin: &Path, dirs: &[tempfile::TempDir]) -> Vec<Node> {
     let nodes: Vec<Node> = dirs
         .iter()
-        .zip(1..=3)
+        .zip(1..)
         .map(|(dir, id)| Node::start(bin, id, dir.path(), free_port()))
         .collect();
     kaelix_ok(bin, &["cluster", "init", "--admin", &nodes[0].admin]);
@@ -231,7 +238,7 @@ fn runtime() -> tokio::runtime::Runtime {
 fn replicated_acks_survive_repeated_leader_kills_and_restarts() {
     let bin = kaelix_bin();
     let runtime = runtime();
-    let dirs = node_dirs();
+    let dirs = node_dirs(3);
     let mut nodes = cluster(&bin, &dirs);
     let brokers: Vec<SocketAddr> = nodes.iter().map(|n| n.data).collect();
     let producer = Producer::builder(brokers[0])
@@ -327,8 +334,15 @@ fn replicated_acks_survive_repeated_leader_kills_and_restarts() {
     assert!(producer.take_errors().is_empty(), "no message failed");
 
     let last = leader_of_shard0(&runtime, &nodes).expect("a shard leader");
+    assert_read_back(nodes[last].fetch, producer.producer_id(), &sent);
+}
+
+/// Every message of `sent` (all acknowledged, by producer `producer_id`)
+/// read back from the shard leader's fetch address `fetch`: exactly once,
+/// in order, nothing after.
+fn assert_read_back(fetch: SocketAddr, producer_id: u32, sent: &[Vec<u8>]) {
     let mut consumer = Consumer::remote(
-        nodes[last].fetch,
+        fetch,
         ConsumerConfig {
             wait: Duration::from_millis(100),
             ..ConsumerConfig::new(STREAM)
@@ -337,7 +351,6 @@ fn replicated_acks_survive_repeated_leader_kills_and_restarts() {
     .expect("a consumer of the leader");
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut next = 0usize;
-    let producer_id = producer.producer_id();
     while next < sent.len() {
         assert!(
             Instant::now() < deadline,
@@ -359,11 +372,229 @@ fn replicated_acks_survive_repeated_leader_kills_and_restarts() {
     assert_eq!(after, 0, "no duplicate after the last message");
 }
 
+/// Shard 0's replica set, leader and epoch in `node`'s applied metadata.
+fn shard0_assignment(
+    runtime: &tokio::runtime::Runtime,
+    node: &Node,
+) -> Option<kaelix_controlplane::cluster::pb::ClusterShard> {
+    use kaelix_controlplane::cluster::pb::StatusRequest;
+    use kaelix_controlplane::cluster::pb::cluster_raft_client::ClusterRaftClient;
+    runtime.block_on(async {
+        let call = async {
+            let mut client = ClusterRaftClient::connect(format!("http://{}", node.raft))
+                .await
+                .ok()?;
+            let reply = client.status(StatusRequest {}).await.ok()?.into_inner();
+            reply.shards.into_iter().find(|s| s.shard == 0)
+        };
+        tokio::time::timeout(Duration::from_secs(2), call)
+            .await
+            .ok()
+            .flatten()
+    })
+}
+
+/// `kaelix ARGS` on a thread of its own (it must succeed: the thread's
+/// result says).
+fn kaelix_in_background(bin: &Path, args: &[&str]) -> std::thread::JoinHandle<()> {
+    let bin = bin.to_path_buf();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kaelix_ok(&bin, &args);
+    })
+}
+
+/// A steady load: one message every half millisecond, each remembered.
+struct Load<'a> {
+    producer: &'a Producer,
+    sent: Vec<Vec<u8>>,
+}
+
+impl Load<'_> {
+    fn send(&mut self, phase: &str) {
+        let payload = format!("{phase} message {:06}", self.sent.len()).into_bytes();
+        self.producer.send(STREAM, &payload).expect("send");
+        self.sent.push(payload);
+        std::thread::sleep(Duration::from_micros(500));
+    }
+
+    /// Produce until `done` (asked every 20 messages) holds; panics after
+    /// `limit`, naming `phase`.
+    fn until(&mut self, phase: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        loop {
+            for _ in 0..20 {
+                self.send(phase);
+            }
+            if done() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{phase}: not done within {limit:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn replica_sets_follow_a_node_joining_and_a_follower_leaving_under_load() {
+    let bin = kaelix_bin();
+    let runtime = runtime();
+    let dirs = node_dirs(4);
+    let mut nodes = cluster(&bin, &dirs[..3]);
+    // Node 4 runs from the start (the producer knows its data address) but
+    // joins under load.
+    nodes.push(Node::start(&bin, 4, dirs[3].path(), free_port()));
+    let brokers: Vec<SocketAddr> = nodes.iter().map(|n| n.data).collect();
+    let producer = Producer::builder(brokers[0])
+        .brokers(brokers.clone())
+        .connect()
+        .expect("a producer");
+    let mut load = Load {
+        producer: &producer,
+        sent: Vec::new(),
+    };
+    let warmup = b"warmup".to_vec();
+    producer
+        .send_and_wait(STREAM, &warmup, Duration::from_secs(60))
+        .expect("the first replicated ACK");
+    load.sent.push(warmup);
+
+    // Node 4 joins while the producer writes.
+    let join = kaelix_in_background(
+        &bin,
+        &[
+            "cluster",
+            "join",
+            &nodes[0].admin,
+            "--admin",
+            &nodes[3].admin,
+        ],
+    );
+    load.until("join", Duration::from_secs(60), || join.is_finished());
+    join.join().expect("kaelix cluster join succeeded");
+    let before = shard0_assignment(&runtime, &nodes[0]).expect("shard 0 is assigned");
+    eprintln!("after the join: shard 0 {before:?}");
+    assert_eq!(
+        before.replicas.len(),
+        3,
+        "a full replica set stays as it is: {before:?}"
+    );
+
+    // A follower replica of shard 0 leaves the cluster under load and is
+    // stopped; the set must become {leader, other follower, 4}.
+    let gone = *before
+        .replicas
+        .iter()
+        .find(|id| **id != before.leader)
+        .expect("a follower");
+    let via = nodes
+        .iter()
+        .find(|n| n.id != gone && n.id != 4)
+        .expect("another member")
+        .admin
+        .clone();
+    let gone_id = gone.to_string();
+    let leave = kaelix_in_background(
+        &bin,
+        &["cluster", "leave", "--node", &gone_id, "--admin", &via],
+    );
+    load.until("leave", Duration::from_secs(60), || leave.is_finished());
+    leave.join().expect("kaelix cluster leave succeeded");
+    let gone_at = nodes.iter().position(|n| n.id == gone).expect("the node");
+    kaelix_tests::stop_child(&mut nodes[gone_at].child, Duration::from_secs(20));
+    let mut expected: Vec<u64> = before
+        .replicas
+        .iter()
+        .copied()
+        .filter(|id| *id != gone)
+        .chain([4])
+        .collect();
+    expected.sort_unstable();
+    let asked = nodes
+        .iter()
+        .position(|n| n.id == before.leader)
+        .expect("the leader");
+    let started = Instant::now();
+    let mut after = None;
+    load.until("replace", Duration::from_secs(60), || {
+        after = shard0_assignment(&runtime, &nodes[asked]).filter(|a| {
+            let mut replicas = a.replicas.clone();
+            replicas.sort_unstable();
+            replicas == expected
+        });
+        after.is_some()
+    });
+    let after = after.expect("the new replica set");
+    eprintln!(
+        "node {gone} left: shard 0 {after:?} {:?} after the leave",
+        started.elapsed()
+    );
+    assert_eq!(
+        after.leader, before.leader,
+        "a follower left: the leader stays"
+    );
+    assert_eq!(
+        after.epoch, before.epoch,
+        "a replica set change keeps the epoch"
+    );
+    // Node 4 follows the leader at that epoch and has caught up: it reaches
+    // where the leader's log ended when the set changed.
+    let leader_at = shard0(&runtime, &nodes[asked])
+        .expect("the leader answers")
+        .appended;
+    load.until("catch-up", Duration::from_secs(30), || {
+        shard0(&runtime, &nodes[3])
+            .is_some_and(|p| p.epoch == after.epoch && p.appended >= leader_at)
+    });
+    // More load on the new set, all acknowledged.
+    for _ in 0..500 {
+        load.send("steady");
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .expect("everything acknowledged by the new replica set");
+
+    // Kill the shard leader: a replica of the new set (node 4 or the
+    // follower that stayed) takes over with everything acknowledged.
+    nodes[asked].kill9();
+    for _ in 0..1000 {
+        load.send("failover");
+    }
+    producer
+        .flush(Duration::from_secs(60))
+        .expect("everything acknowledged after the failover");
+    assert!(producer.take_errors().is_empty(), "no message failed");
+    let live: Vec<&Node> = nodes
+        .iter()
+        .filter(|n| n.id != gone && n.id != before.leader)
+        .collect();
+    let last = live
+        .iter()
+        .find(|n| shard0(&runtime, n).is_some_and(|p| p.leading))
+        .expect("a new shard leader among the remaining replicas");
+    assert!(
+        after.replicas.contains(&last.id),
+        "the new leader {} is in the new replica set {:?}",
+        last.id,
+        after.replicas
+    );
+    eprintln!(
+        "shard 0 now led by node {}; {} messages; producer {:?}",
+        last.id,
+        load.sent.len(),
+        producer.stats()
+    );
+    assert_read_back(last.fetch, producer.producer_id(), &load.sent);
+}
+
 #[test]
 fn a_leader_cut_off_from_both_followers_commits_nothing() {
     let bin = kaelix_bin();
     let runtime = runtime();
-    let dirs = node_dirs();
+    let dirs = node_dirs(3);
     let nodes = cluster(&bin, &dirs);
     let brokers: Vec<SocketAddr> = nodes.iter().map(|n| n.data).collect();
     let producer = Producer::builder(brokers[0])

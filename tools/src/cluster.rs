@@ -294,6 +294,15 @@ fn status_json(me: &StatusReply, leader: Option<&StatusReply>) -> Value {
             })
         })
         .collect();
+    let shards: Vec<Value> = me
+        .shards
+        .iter()
+        .map(|s| {
+            json!({
+                "shard": s.shard, "replicas": s.replicas, "leader": s.leader, "epoch": s.epoch,
+            })
+        })
+        .collect();
     json!({
         "node": me.id,
         "state": me.state,
@@ -306,6 +315,7 @@ fn status_json(me: &StatusReply, leader: Option<&StatusReply>) -> Value {
         "members": members,
         "lag_from_leader": leader.is_some(),
         "streams": streams,
+        "shards": shards,
         "config": me.config,
     })
 }
@@ -355,6 +365,19 @@ fn print_status(me: &StatusReply, leader: Option<&StatusReply>) {
                 s.durability.clone(),
                 replicas.join(","),
                 opt(s.leader),
+            ]);
+        }
+        println!("{table}");
+    }
+    if !me.shards.is_empty() {
+        let mut table = new_table(&["shard", "replicas", "leader", "epoch"]);
+        for s in &me.shards {
+            let replicas: Vec<String> = s.replicas.iter().map(u64::to_string).collect();
+            table.add_row(vec![
+                s.shard.to_string(),
+                replicas.join(","),
+                s.leader.to_string(),
+                s.epoch.to_string(),
             ]);
         }
         println!("{table}");

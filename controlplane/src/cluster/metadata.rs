@@ -69,6 +69,64 @@ pub enum MetadataCommand {
         /// The new epoch.
         epoch: u64,
     },
+    /// Change a shard's replica set by one node: add one (it catches up
+    /// from the leader and counts towards the quorum from then on) or remove
+    /// one other than the leader. Applied only while the shard is at `epoch`
+    /// with exactly the replicas `from`, so a decision made on an older
+    /// state (a failover or another change since) is refused. The epoch
+    /// stays: the leader and its log's history do not change, and the
+    /// replicas known to agree with it remain eligible for failover.
+    SetShardReplicas {
+        /// Shard id.
+        shard: u32,
+        /// The shard's epoch the change was decided at.
+        epoch: u64,
+        /// The replica set it was decided on.
+        from: Vec<NodeId>,
+        /// The new replica set: `from` with one node added or one removed.
+        replicas: Vec<NodeId>,
+    },
+}
+
+/// Most nodes in a shard's replica set (the replication leader serves at
+/// most this many, itself included).
+pub const SHARD_REPLICAS_MAX: usize = 16;
+
+/// Why `from` -> `to` is not a valid one-node change of a replica set
+/// whose leader is `leader`.
+fn replica_set_step_error(from: &[NodeId], to: &[NodeId], leader: NodeId) -> Option<String> {
+    if let Some(error) = replica_set_error(to) {
+        return Some(error);
+    }
+    if !to.contains(&leader) {
+        return Some(format!("the leader {leader} is not in {to:?}"));
+    }
+    let added = to.iter().filter(|id| !from.contains(id)).count();
+    let removed = from.iter().filter(|id| !to.contains(id)).count();
+    if added + removed != 1 {
+        return Some(format!(
+            "{from:?} -> {to:?} changes {} nodes, not one",
+            added + removed
+        ));
+    }
+    None
+}
+
+/// Why `replicas` is not a valid replica set: empty, too large, a node twice.
+fn replica_set_error(replicas: &[NodeId]) -> Option<String> {
+    if replicas.is_empty() {
+        return Some("no replicas".into());
+    }
+    if replicas.len() > SHARD_REPLICAS_MAX {
+        return Some(format!(
+            "{} replicas, at most {SHARD_REPLICAS_MAX}",
+            replicas.len()
+        ));
+    }
+    let mut unique = replicas.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
+    (unique.len() != replicas.len()).then(|| format!("a node appears twice in {replicas:?}"))
 }
 
 /// A member's data endpoints.
@@ -194,17 +252,12 @@ impl ClusterMetadata {
                 if self.shards.contains_key(shard) {
                     return MetadataResponse::Rejected(format!("shard {shard} is assigned"));
                 }
+                if let Some(error) = replica_set_error(replicas) {
+                    return MetadataResponse::Rejected(format!("shard {shard}: {error}"));
+                }
                 let Some(&leader) = replicas.first() else {
                     return MetadataResponse::Rejected(format!("shard {shard}: no replicas"));
                 };
-                let mut unique = replicas.clone();
-                unique.sort_unstable();
-                unique.dedup();
-                if unique.len() != replicas.len() {
-                    return MetadataResponse::Rejected(format!(
-                        "shard {shard}: a node appears twice in {replicas:?}"
-                    ));
-                }
                 self.shards.insert(
                     *shard,
                     ShardAssignment {
@@ -234,6 +287,29 @@ impl ClusterMetadata {
                     s.epoch = *epoch;
                     MetadataResponse::Ok
                 }
+            },
+            MetadataCommand::SetShardReplicas {
+                shard,
+                epoch,
+                from,
+                replicas,
+            } => match self.shards.get_mut(shard) {
+                None => MetadataResponse::Rejected(format!("shard {shard} is not assigned")),
+                Some(s) if *epoch != s.epoch => MetadataResponse::Rejected(format!(
+                    "shard {shard} is at epoch {}, not {epoch}",
+                    s.epoch
+                )),
+                Some(s) if *from != s.replicas => MetadataResponse::Rejected(format!(
+                    "shard {shard} has the replicas {:?}, not {from:?}",
+                    s.replicas
+                )),
+                Some(s) => match replica_set_step_error(from, replicas, s.leader) {
+                    Some(error) => MetadataResponse::Rejected(format!("shard {shard}: {error}")),
+                    None => {
+                        s.replicas = replicas.clone();
+                        MetadataResponse::Ok
+                    }
+                },
             },
         }
     }
@@ -294,6 +370,112 @@ mod tests {
         let old = r#"{"members":{},"streams":{},"config":{}}"#;
         let loaded: ClusterMetadata = serde_json::from_str(old).unwrap();
         assert!(loaded.shards.is_empty() && loaded.nodes.is_empty());
+    }
+
+    #[test]
+    fn replica_sets_change_one_node_at_a_time_at_the_current_epoch_and_state() {
+        let mut md = ClusterMetadata::default();
+        let assign = MetadataCommand::AssignShard {
+            shard: 0,
+            replicas: vec![1, 2, 3],
+        };
+        assert_eq!(md.apply(&assign), MetadataResponse::Ok);
+        let change =
+            |epoch, from: &[NodeId], replicas: &[NodeId]| MetadataCommand::SetShardReplicas {
+                shard: 0,
+                epoch,
+                from: from.to_vec(),
+                replicas: replicas.to_vec(),
+            };
+        let rejected = |md: &mut ClusterMetadata, command: &MetadataCommand| {
+            let before = md.clone();
+            let outcome = md.apply(command);
+            assert!(
+                matches!(outcome, MetadataResponse::Rejected(_)),
+                "{command:?}: {outcome:?}"
+            );
+            assert_eq!(
+                *md, before,
+                "a refused change leaves the metadata as it was"
+            );
+        };
+        // Grow by one: applied, the epoch and leader stay.
+        assert_eq!(
+            md.apply(&change(1, &[1, 2, 3], &[1, 2, 3, 4])),
+            MetadataResponse::Ok
+        );
+        assert_eq!(
+            md.shards[&0],
+            ShardAssignment {
+                replicas: vec![1, 2, 3, 4],
+                leader: 1,
+                epoch: 1
+            }
+        );
+        // Decided on the old set (a lost update), or at another epoch.
+        rejected(&mut md, &change(1, &[1, 2, 3], &[1, 2, 4]));
+        rejected(&mut md, &change(2, &[1, 2, 3, 4], &[1, 2, 4]));
+        rejected(&mut md, &change(0, &[1, 2, 3, 4], &[1, 2, 4]));
+        // Two nodes at once, a swap, the leader removed, a node twice, empty.
+        rejected(&mut md, &change(1, &[1, 2, 3, 4], &[1, 2]));
+        rejected(&mut md, &change(1, &[1, 2, 3, 4], &[1, 2, 3, 5]));
+        rejected(&mut md, &change(1, &[1, 2, 3, 4], &[2, 3, 4]));
+        rejected(&mut md, &change(1, &[1, 2, 3, 4], &[1, 2, 3, 4, 4]));
+        rejected(&mut md, &change(1, &[1, 2, 3, 4], &[]));
+        // An unassigned shard.
+        rejected(
+            &mut md,
+            &MetadataCommand::SetShardReplicas {
+                shard: 9,
+                epoch: 1,
+                from: vec![1],
+                replicas: vec![1, 2],
+            },
+        );
+        // Shrink by one (the departed node 3).
+        assert_eq!(
+            md.apply(&change(1, &[1, 2, 3, 4], &[1, 2, 4])),
+            MetadataResponse::Ok
+        );
+        assert_eq!(md.shards[&0].replicas, vec![1, 2, 4]);
+        // A failover afterwards needs the next epoch and a member of the new set.
+        let to_3 = MetadataCommand::SetShardLeader {
+            shard: 0,
+            leader: 3,
+            epoch: 2,
+        };
+        rejected(&mut md, &to_3);
+        let to_4 = MetadataCommand::SetShardLeader {
+            shard: 0,
+            leader: 4,
+            epoch: 2,
+        };
+        assert_eq!(md.apply(&to_4), MetadataResponse::Ok);
+        // A change decided before that failover is now stale.
+        rejected(&mut md, &change(1, &[1, 2, 4], &[1, 2, 4, 5]));
+        assert_eq!(
+            md.apply(&change(2, &[1, 2, 4], &[1, 2, 4, 5])),
+            MetadataResponse::Ok
+        );
+        // No set beyond what a replication leader serves.
+        let mut big = ClusterMetadata::default();
+        let many: Vec<NodeId> = (1..=SHARD_REPLICAS_MAX as NodeId + 1).collect();
+        rejected(
+            &mut big,
+            &MetadataCommand::AssignShard {
+                shard: 0,
+                replicas: many.clone(),
+            },
+        );
+        let full = &many[..SHARD_REPLICAS_MAX];
+        assert_eq!(
+            big.apply(&MetadataCommand::AssignShard {
+                shard: 0,
+                replicas: full.to_vec(),
+            }),
+            MetadataResponse::Ok
+        );
+        rejected(&mut big, &change(1, full, &many));
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod metadata;
 pub mod network;
 pub mod node;
 pub mod pb;
+pub(crate) mod rebalance;
 pub(crate) mod shards;
 pub use shards::catch_up_before_start;
 pub mod state_machine;

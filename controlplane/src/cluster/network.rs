@@ -283,6 +283,16 @@ impl ClusterRaft for RaftService {
             raft_addr: self.local.addr.raft_addr.clone(),
             data_addr: self.local.addr.data_addr.clone(),
             streams,
+            shards: metadata
+                .shards
+                .iter()
+                .map(|(shard, a)| super::pb::ClusterShard {
+                    shard: *shard,
+                    replicas: a.replicas.clone(),
+                    leader: a.leader,
+                    epoch: a.epoch,
+                })
+                .collect(),
             config: metadata.config.into_iter().collect(),
         }))
     }

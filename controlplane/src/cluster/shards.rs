@@ -439,6 +439,8 @@ struct Controller {
     /// When each member last answered, and what it said.
     heard: BTreeMap<NodeId, (Instant, Vec<ShardPosition>)>,
     started: Option<Instant>,
+    /// Replica sets following the membership (node add/remove).
+    mover: super::rebalance::ReplicaMover,
 }
 
 impl Controller {
@@ -530,6 +532,11 @@ impl Controller {
                 tracing::warn!(shard, error = %err, "proposing the new shard leader");
             }
         }
+        // Replica sets follow the membership (a shard whose leader is
+        // silent waits for the failover above).
+        self.mover
+            .tick(&local.node, metadata, &self.heard, limit, factor)
+            .await;
     }
 }
 
