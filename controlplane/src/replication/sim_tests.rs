@@ -88,11 +88,12 @@
 //! `Local::reconcile` does. The commit check then counts holders in the set
 //! the leader's quorum is taken over. Honest limit: this sweep exercises the
 //! steps amid the faults (and found that a changed set must not reset the
-//! commit check), but it did not catch a deliberately broken `step` that
-//! drops the departed node without waiting for the catch-up (500 seeds):
-//! the loss needs the leader to die in that short window with the remaining
-//! old follower behind. The safety argument itself is checked exhaustively
-//! in `rebalance.rs`'s tests.
+//! commit check), and crashes the leader right after half of the removals,
+//! but it did not catch a deliberately broken `step` that drops the
+//! departed node without waiting for the catch-up (500 seeds without, 300
+//! with that crash): the loss also needs the new replica connected and the
+//! remaining old follower behind at that moment. The safety argument itself
+//! is checked exhaustively in `rebalance.rs`'s tests.
 //!
 //! Not modelled: the Raft-quorum renewal of the controller's own broker's
 //! lease; stale ACKs from an older session of the same follower (the sim
@@ -333,6 +334,9 @@ struct Sim {
     /// Nodes that left: no longer Raft members, never heard again, keep
     /// their old view (a removed node is not told).
     departed: BTreeSet<NodeId>,
+    /// A leader to crash at the next event (right after its set shrank:
+    /// the moment a too early removal would lose acknowledged writes).
+    crash_next: Option<NodeId>,
 }
 
 fn log_config(dir: &Path) -> LogConfig {
@@ -462,6 +466,7 @@ impl Sim {
             stats: Stats::default(),
             membership,
             departed: BTreeSet::new(),
+            crash_next: None,
         };
         sim.note(format!("{count} nodes, replication factor {factor}"));
         sim
@@ -1248,6 +1253,9 @@ impl Sim {
         };
         assert_eq!(self.meta.apply(&command), MetadataResponse::Ok);
         self.stats.replica_changes += 1;
+        if replicas.len() < assignment.replicas.len() && self.rng.chance(500) {
+            self.crash_next = Some(assignment.leader);
+        }
         self.note(format!(
             "controller: replicas {:?} -> {replicas:?} (epoch {})",
             assignment.replicas, assignment.epoch
@@ -1489,6 +1497,11 @@ impl Sim {
     // ----- the run -------------------------------------------------------
 
     fn event(&mut self, faults: bool) -> Result<(), String> {
+        if let Some(id) = self.crash_next.take()
+            && faults
+        {
+            self.crash(id)?;
+        }
         let nodes = self.nodes.len() as u64;
         let roll = self.rng.below(1000);
         let id = 1 + self.rng.below(nodes);
