@@ -167,6 +167,19 @@ impl AdminService {
         }
     }
 
+    /// `cluster.replication_factor` when this broker is a member of a
+    /// cluster with data replication (streams are then replicated).
+    fn replication_factor(&self) -> Option<u32> {
+        self.state.cluster.as_ref()?;
+        let config = self.state.config.current();
+        config
+            .config
+            .cluster
+            .as_ref()
+            .map(|section| section.replication_factor)
+            .filter(|factor| *factor > 0)
+    }
+
     /// `kaelix config set --cluster`: check the change here, propose it
     /// through the Raft metadata (every member applies it as it commits),
     /// and apply it here at once.
@@ -219,11 +232,30 @@ impl pb::streams_server::Streams for AdminService {
         let result = async {
             let request = request.into_inner();
             let durability = durability_from_pb(request.durability)?;
+            if let (Some(node), Some(factor)) = (&self.state.cluster, self.replication_factor()) {
+                let retention =
+                    retention_from_pb(request.retention_mib, request.retention_age_secs)?;
+                let broker = &self.state.broker;
+                let (info, copies) = crate::cluster::admin::create_replicated_stream(
+                    node,
+                    broker,
+                    request.stream_id,
+                    durability,
+                    retention,
+                    request.replication_factor,
+                    factor,
+                )
+                .await?;
+                tracing::info!(stream = request.stream_id, durability = %durability, copies, "stream created in the cluster");
+                let mut reply = self.stream_to_pb(broker.shard_of(request.stream_id).id, &info);
+                reply.replication_factor = copies;
+                return Ok(Response::new(reply));
+            }
             if let Some(factor) = request.replication_factor
                 && factor != 1
             {
                 let why = if self.state.cluster.is_some() {
-                    "stream data replication is not implemented yet"
+                    "this cluster does not replicate stream data (cluster.replication_factor = 0)"
                 } else {
                     "this broker runs one node"
                 };
@@ -264,6 +296,17 @@ impl pb::streams_server::Streams for AdminService {
         let started = Instant::now();
         let stream_id = request.into_inner().stream_id;
         let result = async {
+            if let (Some(node), Some(_)) = (&self.state.cluster, self.replication_factor())
+                && crate::cluster::admin::delete_replicated_stream(
+                    node,
+                    &self.state.broker,
+                    stream_id,
+                )
+                .await?
+            {
+                tracing::info!(stream = stream_id, "stream deleted in the cluster");
+                return Ok(Response::new(pb::DeleteStreamResponse { stream_id }));
+            }
             if let Some(node) = &self.state.cluster {
                 crate::cluster::admin::check_stream_here(node, stream_id)?;
             }

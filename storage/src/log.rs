@@ -470,6 +470,23 @@ impl ShardLog {
         Ok(self.stream_info(stream_id).expect("created above"))
     }
 
+    /// Create a stream on a replica of a shard whose leader decides the
+    /// offsets (a replicated cluster), possibly after records of it arrived
+    /// from the leader: they stay served. Its first offset is where the
+    /// last incarnation of the id deleted in this log ended (0 when none
+    /// was), not this log's next offset as [`ShardLog::create_stream`] does,
+    /// so every replica serves the same records of it, however late it
+    /// learns of the stream. Fails like `create_stream` when it exists.
+    pub fn adopt_stream(
+        &mut self,
+        stream_id: u32,
+        config: StreamConfig,
+        retention: StreamRetention,
+    ) -> Result<StreamInfo, StreamError> {
+        self.create_streams_from(&[(stream_id, config, retention)], true)?;
+        Ok(self.stream_info(stream_id).expect("created above"))
+    }
+
     /// Create many streams with one registry write.
     pub fn create_streams(&mut self, streams: &[(u32, StreamConfig)]) -> Result<(), StreamError> {
         let streams: Vec<(u32, StreamConfig, StreamRetention)> = streams
@@ -482,6 +499,16 @@ impl ShardLog {
     fn create_streams_retained(
         &mut self,
         streams: &[(u32, StreamConfig, StreamRetention)],
+    ) -> Result<(), StreamError> {
+        self.create_streams_from(streams, false)
+    }
+
+    /// Create streams; `adopt`: keep what the log holds of them beyond the
+    /// last deleted incarnation (see [`ShardLog::adopt_stream`]).
+    fn create_streams_from(
+        &mut self,
+        streams: &[(u32, StreamConfig, StreamRetention)],
+        adopt: bool,
     ) -> Result<(), StreamError> {
         for (i, (stream_id, _, _)) in streams.iter().enumerate() {
             let registered = self
@@ -499,10 +526,16 @@ impl ShardLog {
         for (stream_id, config, retention) in streams {
             let slot = self.index.streams.entry(*stream_id).or_default();
             previous.push((*stream_id, slot.meta));
+            // A deleted incarnation's first offset is where it ended.
+            let first_offset = if adopt {
+                slot.meta.first_offset.min(slot.index.next_offset)
+            } else {
+                slot.index.next_offset
+            };
             slot.meta = WriterStream {
                 registered: true,
                 durability: config.durability,
-                first_offset: slot.index.next_offset,
+                first_offset,
                 retention: *retention,
             };
             self.retention_marks.remove(stream_id);
@@ -574,10 +607,19 @@ impl ShardLog {
 
     /// Delete a stream: appends fail from now on, its data goes with retention.
     pub fn delete_stream(&mut self, stream_id: u32) -> Result<(), StreamError> {
-        self.registered_mut(stream_id)?.registered = false;
+        let slot = self
+            .index
+            .streams
+            .get_mut(&stream_id)
+            .filter(|slot| slot.meta.registered)
+            .ok_or(StreamError::Unknown { stream_id })?;
+        // Remember where this incarnation ended (see `adopt_stream`).
+        let previous = slot.meta;
+        slot.meta.registered = false;
+        slot.meta.first_offset = slot.index.next_offset;
         self.save_registry().inspect_err(|_| {
             if let Some(slot) = self.index.streams.get_mut(&stream_id) {
-                slot.meta.registered = true;
+                slot.meta = previous;
             }
         })?;
         self.retention_marks.remove(&stream_id);

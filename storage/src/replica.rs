@@ -716,7 +716,7 @@ mod tests {
 
     use super::*;
     use crate::tests::{config, frame};
-    use crate::{LogConfig, StreamConfig};
+    use crate::{LogConfig, StreamConfig, StreamError, StreamRetention};
 
     const STREAM: u32 = 4;
 
@@ -1047,5 +1047,72 @@ mod tests {
             raw.catch_up_plan(&fresh.replica_tail(), commit),
             CatchUp::Resume { from: 64 }
         );
+    }
+
+    /// The first offsets a reader of `log` sees for `STREAM`, from `from`.
+    fn offsets_read(log: &mut ShardLog, from: u64) -> Vec<u64> {
+        let mut reader = log.reader();
+        let batch = reader.read(STREAM, from, 1 << 20, u64::MAX).unwrap();
+        batch.map(|record| record.unwrap().offset).take(2).collect()
+    }
+
+    #[test]
+    fn a_follower_that_learns_a_stream_late_keeps_what_the_leader_sent() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut leader = open(config(a.path()));
+        // The follower's log has never had the stream.
+        let follower_dir = b.path();
+        let (mut follower, _) = ShardLog::open(config(follower_dir)).unwrap();
+        let mut follower_flusher = follower.flusher().unwrap();
+        let mut raw = leader.raw_reader();
+        let mut seq = 0;
+        append(&mut leader, &mut seq, 3, 1_000);
+        // Records of an unknown stream are stored and indexed; the fetch
+        // server does not serve it (no level: `unknown_stream`).
+        assert_eq!(replicate(&mut raw, &mut follower), 3);
+        assert!(follower.stream_info(STREAM).is_none());
+        assert_eq!(follower.reader().stream_level(STREAM), None);
+        let config_of = StreamConfig {
+            durability: DurabilityLevel::Replicated,
+        };
+        let adopted = follower
+            .adopt_stream(STREAM, config_of, StreamRetention::default())
+            .unwrap();
+        assert_eq!((adopted.first_offset, adopted.next_offset), (0, 24));
+        assert_eq!(offsets_read(&mut follower, 0), vec![0, 1]);
+        assert!(matches!(
+            follower.adopt_stream(STREAM, config_of, StreamRetention::default()),
+            Err(StreamError::Exists { stream_id: STREAM })
+        ));
+        // Deleted and created again: the leader's new incarnation starts at
+        // 24; a follower that deletes, receives, then adopts agrees.
+        leader.delete_stream(STREAM).unwrap();
+        follower.delete_stream(STREAM).unwrap();
+        let recreated = leader.create_stream(STREAM, config_of).unwrap();
+        assert_eq!(recreated.first_offset, 24);
+        append(&mut leader, &mut seq, 2, 2_000);
+        replicate(&mut raw, &mut follower);
+        // ... also after a restart in between (the end is in the registry).
+        flush(&mut [&mut follower_flusher]);
+        drop((follower, follower_flusher));
+        let (mut follower, _) = ShardLog::open(config(follower_dir)).unwrap();
+        let adopted = follower
+            .adopt_stream(STREAM, config_of, StreamRetention::default())
+            .unwrap();
+        let leader_info = leader.stream_info(STREAM).unwrap();
+        assert_eq!(
+            (adopted.first_offset, adopted.next_offset),
+            (leader_info.first_offset, leader_info.next_offset)
+        );
+        assert_eq!((adopted.first_offset, adopted.next_offset), (24, 40));
+        assert_eq!(offsets_read(&mut follower, 24), vec![24, 25]);
+        // The old incarnation stays hidden, as on the leader.
+        assert!(
+            follower
+                .reader()
+                .read(STREAM, 0, 1 << 20, u64::MAX)
+                .is_err()
+        );
+        assert!(leader.reader().read(STREAM, 0, 1 << 20, u64::MAX).is_err());
     }
 }

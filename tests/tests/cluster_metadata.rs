@@ -178,6 +178,8 @@ fn create_stream(stream_id: u32, replicas: Vec<NodeId>) -> MetadataCommand {
         durability: "fsync".into(),
         replication_factor: replicas.len() as u32,
         replicas,
+        retention_bytes: None,
+        retention_age_ns: None,
     }
 }
 

@@ -2,7 +2,7 @@
 //! build. Applying is deterministic: every node reaches the same state from
 //! the same log.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -20,8 +20,15 @@ pub enum MetadataCommand {
         durability: String,
         /// Number of copies wanted.
         replication_factor: u32,
-        /// Nodes holding a copy, leader first.
+        /// Nodes holding a copy, leader first (with data replication: its
+        /// shard's replica set).
         replicas: Vec<NodeId>,
+        /// The stream's own retention by size (bytes), if any.
+        #[serde(default)]
+        retention_bytes: Option<u64>,
+        /// The stream's own retention by age (nanoseconds), if any.
+        #[serde(default)]
+        retention_age_ns: Option<u64>,
     },
     /// Record a new leader for a stream (must be one of its replicas).
     SetStreamLeader {
@@ -30,7 +37,8 @@ pub enum MetadataCommand {
         /// New leader.
         leader: NodeId,
     },
-    /// Delete a stream.
+    /// Delete a stream (its id is remembered in
+    /// [`ClusterMetadata::deleted_streams`] until created again).
     DeleteStream {
         /// Stream id.
         stream_id: u32,
@@ -171,6 +179,12 @@ pub struct StreamInfo {
     pub replicas: Vec<NodeId>,
     /// The replica accepting writes.
     pub leader: Option<NodeId>,
+    /// Its own retention by size (bytes), if any.
+    #[serde(default)]
+    pub retention_bytes: Option<u64>,
+    /// Its own retention by age (nanoseconds), if any.
+    #[serde(default)]
+    pub retention_age_ns: Option<u64>,
 }
 
 /// The state machine's data: everything the metadata log describes.
@@ -188,6 +202,10 @@ pub struct ClusterMetadata {
     /// Shards' replica sets and leaders (when data replication is on).
     #[serde(default)]
     pub shards: BTreeMap<u32, ShardAssignment>,
+    /// Streams deleted and not created again since: a replica that still
+    /// has one (it was down, or behind) deletes it too.
+    #[serde(default)]
+    pub deleted_streams: BTreeSet<u32>,
 }
 
 impl ClusterMetadata {
@@ -199,6 +217,8 @@ impl ClusterMetadata {
                 durability,
                 replication_factor,
                 replicas,
+                retention_bytes,
+                retention_age_ns,
             } => {
                 if self.streams.contains_key(stream_id) {
                     return MetadataResponse::Rejected(format!("stream {stream_id} exists"));
@@ -217,8 +237,11 @@ impl ClusterMetadata {
                         replication_factor: *replication_factor,
                         replicas: replicas.clone(),
                         leader: replicas.first().copied(),
+                        retention_bytes: *retention_bytes,
+                        retention_age_ns: *retention_age_ns,
                     },
                 );
+                self.deleted_streams.remove(stream_id);
                 MetadataResponse::Ok
             }
             MetadataCommand::SetStreamLeader { stream_id, leader } => {
@@ -235,6 +258,7 @@ impl ClusterMetadata {
             }
             MetadataCommand::DeleteStream { stream_id } => {
                 if self.streams.remove(stream_id).is_some() {
+                    self.deleted_streams.insert(*stream_id);
                     MetadataResponse::Ok
                 } else {
                     MetadataResponse::Rejected(format!("no stream {stream_id}"))
@@ -486,9 +510,12 @@ mod tests {
             durability: "fsync".into(),
             replication_factor: 2,
             replicas: vec![1, 2],
+            retention_bytes: Some(1 << 20),
+            retention_age_ns: None,
         };
         assert_eq!(md.apply(&create), MetadataResponse::Ok);
         assert_eq!(md.streams[&7].leader, Some(1));
+        assert_eq!(md.streams[&7].retention_bytes, Some(1 << 20));
         assert!(matches!(md.apply(&create), MetadataResponse::Rejected(_)));
         let bad = MetadataCommand::SetStreamLeader {
             stream_id: 7,
@@ -506,10 +533,30 @@ mod tests {
             durability: "memory".into(),
             replication_factor: 3,
             replicas: vec![1],
+            retention_bytes: None,
+            retention_age_ns: None,
         };
         assert!(matches!(
             md.apply(&wrong_factor),
             MetadataResponse::Rejected(_)
+        ));
+        // A deleted id is remembered until it is created again.
+        let delete = MetadataCommand::DeleteStream { stream_id: 7 };
+        assert_eq!(md.apply(&delete), MetadataResponse::Ok);
+        assert!(md.deleted_streams.contains(&7) && !md.streams.contains_key(&7));
+        assert!(matches!(md.apply(&delete), MetadataResponse::Rejected(_)));
+        assert_eq!(md.apply(&create), MetadataResponse::Ok);
+        assert!(md.deleted_streams.is_empty());
+        // Commands logged before the retention fields existed still load.
+        let old = r#"{"CreateStream":{"stream_id":9,"durability":"memory","replication_factor":1,"replicas":[1]}}"#;
+        let loaded: MetadataCommand = serde_json::from_str(old).unwrap();
+        assert!(matches!(
+            loaded,
+            MetadataCommand::CreateStream {
+                retention_bytes: None,
+                retention_age_ns: None,
+                ..
+            }
         ));
     }
 }

@@ -19,6 +19,8 @@
 //!   through the Raft metadata, for the admin API of a cluster member.
 //! - `apply` (crate-private): puts committed cluster-wide configuration
 //!   entries into force on the local broker.
+//! - `streams` (crate-private): with data replication, every replica of a
+//!   shard creates and deletes the metadata's streams of that shard.
 //!
 //! A broker with a `[cluster]` section starts a node in `kaelix serve`; its
 //! admin API serves the same RPCs (the `kaelix cluster` CLI uses them).
@@ -34,6 +36,7 @@ pub mod node;
 pub mod pb;
 pub(crate) mod rebalance;
 pub(crate) mod shards;
+pub(crate) mod streams;
 pub use shards::catch_up_before_start;
 pub mod state_machine;
 #[cfg(test)]

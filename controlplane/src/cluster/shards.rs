@@ -23,10 +23,12 @@
 //!   majority, so on at least one live replica, and the one that goes
 //!   furthest has it).
 //!
+//! - **Streams** created at runtime (in the metadata) are created and
+//!   deleted on every replica of their shard ([`super::streams::reconcile`],
+//!   before the roles, so a new leader already has them).
+//!
 //! Limits (see docs/cluster.md): a former leader whose log has a tail the
-//! new leader lacks must be restarted (it truncates that tail at start);
-//! streams created at runtime are not replicated yet (declare replicated
-//! streams in every broker's `[[streams]]`).
+//! new leader lacks must be restarted (it truncates that tail at start).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -157,6 +159,7 @@ pub(crate) async fn run(
                 tracing::debug!(error = %err, "registering this broker's data endpoints; will retry");
             }
         }
+        super::streams::reconcile(&local.broker, &local.node, &metadata).await;
         local.reconcile(&metadata).await;
         let metrics = local.node.raft().metrics().borrow().clone();
         if metrics.current_leader == Some(local.node.id()) {
