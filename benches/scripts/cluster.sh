@@ -6,6 +6,7 @@
 #   bash benches/scripts/cluster.sh          (make bench-cluster)
 #   REPEATS=5 DURATION=10 RATE=20000 bash benches/scripts/cluster.sh
 #   PARTS=failover FAILOVER_SAMPLES=10 bash benches/scripts/cluster.sh
+#   PARTS=transfer TIMINGS=tuned bash benches/scripts/cluster.sh
 #
 # Part "load" (REPEATS runs of each row, medians and min-max): every row
 # sends 64-byte messages from one producer, flat out (closed loop, at most
@@ -38,7 +39,14 @@
 # worst produce->ack. A sample whose kill falls in no such silence (the
 # next ACK came within 10 ms) shows "?" and counts as missing. "tuned": heartbeat 20 ms,
 # election timeout 60-100 ms, failover_after_ms 150; "default": the
-# defaults (heartbeat 50, election 150-300, failover_after_ms 150).
+# defaults (heartbeat 50, election 150-300, failover_after_ms 1000).
+#
+# Part "transfer" (the same samples and timings): the same, but 2 s in the
+# shard's leadership moves as planned (`kaelix cluster transfer --shard 0`,
+# to the follower whose log goes furthest) instead of a kill. Figures: the
+# same ACK silence around the request, and the transfer's own report (the
+# new leader had the whole log / was recorded / took writes, ms after the
+# request).
 #
 # The machine has 2 cpus: three brokers (each a busy-polling shard thread
 # with adaptive idle, a flusher, tokio threads for Raft and replication) and
@@ -59,7 +67,7 @@ SCHED="${SCHED:-normal}"
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 RATE="${RATE:-20000}"
 MESSAGE_SIZE="${MESSAGE_SIZE:-64}"
-PARTS="${PARTS-load failover}"
+PARTS="${PARTS-load failover transfer}"
 FAILOVER_SAMPLES="${FAILOVER_SAMPLES:-5}"
 TIMINGS="${TIMINGS:-tuned default}"
 command -v jq >/dev/null || { echo "cluster.sh needs jq" >&2; exit 1; }
@@ -223,9 +231,12 @@ load_part() {
     summarize "$JSONL" | tee "$OUT_DIR/summary.txt"
 }
 
-# One failover sample: fresh cluster, load at RATE, SIGKILL of the shard leader.
+# One failover sample: fresh cluster, load at RATE, then 2 s in either
+# SIGKILL of the shard leader (MODE kill) or `kaelix cluster transfer` of
+# shard 0 to the follower whose log goes furthest (MODE transfer).
 failover_sample() {
-    local timing="$1" sample="$2" leader id victim="" raft_leader out kill_ns
+    local mode="$1" timing="$2" sample="$3" leader id victim="" raft_leader out event_ns report="{}"
+    local name="$mode-$timing-$sample"
     start_cluster 3 3 "$timing"
     leader=$(ready 3 1)
     for ((id = 1; id <= 3; id++)); do
@@ -235,58 +246,65 @@ failover_sample() {
     raft_leader=$(timeout 30 "$KAELIX" cluster status --json --admin "$(admin_addr 1)" 2>>"$OUT_DIR/cli.log" \
         | jq -r '.leader // "?"') || raft_leader="?"
     # shellcheck disable=SC2046
-    "$KAELIX" bench --json --label "failover $timing #$sample" $(brokers 3) --streams 1 \
+    "$KAELIX" bench --json --label "$mode $timing #$sample" $(brokers 3) --streams 1 \
         --message-size "$MESSAGE_SIZE" --rate "$RATE" --duration 4 --warmup 0.5 --drain 20 \
-        >"$OUT_DIR/failover-$timing-$sample.json" 2>>"$OUT_DIR/cli.log" &
+        >"$OUT_DIR/$name.json" 2>>"$OUT_DIR/cli.log" &
     BENCH_PID=$!
     sleep 2
-    kill_ns=$(date +%s%N)
-    kill -KILL "${PIDS[$((victim - 1))]}"
+    event_ns=$(date +%s%N)
+    if [[ $mode == kill ]]; then
+        kill -KILL "${PIDS[$((victim - 1))]}"
+    else
+        report=$(timeout 30 "$KAELIX" cluster transfer --shard 0 --json --admin "$(admin_addr "$victim")" \
+            2>>"$OUT_DIR/cli.log") || report='{"error": "transfer failed (see cli.log)"}'
+    fi
     wait "$BENCH_PID" || { BENCH_PID=""; echo "kaelix bench failed (see $OUT_DIR/cli.log)" >&2; return 1; }
     BENCH_PID=""
-    # The silence around the kill: last ACK of the old leader .. first of the new.
-    out=$(jq -c --arg timing "$timing" --argjson kill "$kill_ns" --argjson victim "$victim" \
-        --arg raft "$raft_leader" '
-        (.ack_silences_unix_ns | map(select(.last_ack <= $kill and .next_ack >= $kill)) | first) as $s
-        | {timing: $timing, victim: $victim, raft_leader_before: $raft,
-           kill_to_first_ack_ms: (if $s then ($s.next_ack - $kill) / 1e6 else null end),
+    # The silence around the event: last ACK of the old leader .. first of the new.
+    out=$(jq -c --arg mode "$mode" --arg timing "$timing" --argjson event "$event_ns" --argjson victim "$victim" \
+        --arg raft "$raft_leader" --argjson report "$report" '
+        (.ack_silences_unix_ns | map(select(.last_ack <= $event and .next_ack >= $event)) | first) as $s
+        | {mode: $mode, timing: $timing, victim: $victim, raft_leader_before: $raft,
+           kill_to_first_ack_ms: (if $s then ($s.next_ack - $event) / 1e6 else null end),
            ack_silence_ms: (if $s then ($s.next_ack - $s.last_ack) / 1e6 else null end),
            longest_silence_ms: (.ack_silence_max_us / 1e3),
            worst_produce_ack_ms: (.produce_ack_us.max / 1e3),
            destination_after: .destinations[0].addr, redirects, rotations,
-           acked, rejected, unacked_at_end, retransmitted_frames}' "$OUT_DIR/failover-$timing-$sample.json")
+           acked, rejected, unacked_at_end, retransmitted_frames, transfer: $report}' "$OUT_DIR/$name.json")
     echo "$out" >> "$FAILOVER_JSONL"
-    log "failover $timing #$sample: $(echo "$out" | jq -r '"node \(.victim) killed (raft leader was \(.raft_leader_before)): first ACK \(.kill_to_first_ack_ms // "?" | if type == "number" then . * 10 | round / 10 else . end) ms after the kill, longest ACK silence \(.longest_silence_ms | . * 10 | round / 10) ms, now at \(.destination_after)"')"
+    log "$mode $timing #$sample: $(echo "$out" | jq -r '"node \(.victim) \(if .mode == "kill" then "killed" else "gave up the lead" end) (raft leader was \(.raft_leader_before)): first ACK \(.kill_to_first_ack_ms // "?" | if type == "number" then . * 10 | round / 10 else . end) ms after it (an ACK within 10 ms shows ?), longest ACK silence \(.longest_silence_ms | . * 10 | round / 10) ms, now at \(.destination_after)\(if .mode == "transfer" then "; transfer report \(.transfer | tostring)" else "" end)"')"
     stop_all
 }
 
 failover_part() {
-    local timing sample
+    local mode="$1" timing sample
     for timing in $TIMINGS; do
         for ((sample = 1; sample <= FAILOVER_SAMPLES; sample++)); do
-            failover_sample "$timing" "$sample"
+            failover_sample "$mode" "$timing" "$sample"
         done
     done
-    jq -rs '
+    jq -rs --arg mode "$mode" '
       def median: sort | if length % 2 == 1 then .[length / 2 | floor]
                          else (.[length / 2 - 1] + .[length / 2]) / 2 end;
       def r1: . * 10 | round / 10;
-      group_by(.timing)
-      | (["timings", "samples", "kill -> first ACK ms median (min-max)", "all samples ms", "ACK silence ms median", "worst produce->ack ms median", "unacked after the drain, rejected"] | @tsv),
-        (.[] | (map(.kill_to_first_ack_ms | numbers)) as $k | [.[0].timing, length,
+      map(select(.mode == $mode)) | group_by(.timing)
+      | (["mode", "timings", "samples", "event -> first ACK ms median (min-max)", "all samples ms", "ACK silence ms median", "worst produce->ack ms median", "transfer: taking writes ms median", "unacked after the drain, rejected"] | @tsv),
+        (.[] | (map(.kill_to_first_ack_ms | numbers)) as $k | [$mode, .[0].timing, length,
                 (if ($k | length) > 0 then "\($k | median | r1) (\($k | min | r1)-\($k | max | r1))" else "-" end),
                 (map(.kill_to_first_ack_ms | if type == "number" then r1 else "?" end | tostring) | join(", ")),
                 (map(.ack_silence_ms | numbers) | if length > 0 then median | r1 else "-" end),
                 (map(.worst_produce_ack_ms) | median | r1),
+                (map(.transfer.leading_ms | numbers) | if length > 0 then median | r1 else "-" end),
                 "\(map(.unacked_at_end) | add), \(map(.rejected) | add)"] | @tsv)' "$FAILOVER_JSONL" \
-        | column -t -s $'\t' | tee "$OUT_DIR/failover.txt"
+        | column -t -s $'\t' | tee "$OUT_DIR/$mode.txt"
 }
 
 for part in $PARTS; do
     case "$part" in
         load) load_part ;;
-        failover) failover_part ;;
-        *) echo "PARTS: load and/or failover (got $part)" >&2; exit 1 ;;
+        failover) failover_part kill ;;
+        transfer) failover_part transfer ;;
+        *) echo "PARTS: load, failover and/or transfer (got $part)" >&2; exit 1 ;;
     esac
 done
 echo "machine: $(tr '\n' ';' < "$OUT_DIR/machine.txt")"

@@ -11,11 +11,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use kaelix_controlplane::cluster::pb::RaftMessage;
 use kaelix_controlplane::cluster::pb::cluster_raft_client::ClusterRaftClient;
 use kaelix_controlplane::cluster::pb::{
     InitRequest, JoinRequest, LeaveRequest, Member, MembershipReply, StatusReply, StatusRequest,
 };
-use kaelix_controlplane::cluster::{ClusterNode, ClusterNodeConfig};
+use kaelix_controlplane::cluster::{
+    ClusterNode, ClusterNodeConfig, TransferReport, TransferRequest,
+};
 use kaelix_controlplane::config::Config;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
@@ -36,7 +39,8 @@ Examples:
   kaelix cluster status --admin 127.0.0.1:7012           members, leader, term, log, lag
   kaelix cluster status --json
   kaelix cluster leave --admin 127.0.0.1:7012            the broker at 7012 leaves
-  kaelix cluster leave --node 3                          remove node 3 (asked of the broker at --admin)"
+  kaelix cluster leave --node 3                          remove node 3 (asked of the broker at --admin)
+  kaelix cluster transfer --shard 0 --to 2               node 2 leads shard 0 from now on"
 )]
 pub struct ClusterArgs {
     #[command(subcommand)]
@@ -65,6 +69,19 @@ enum ClusterCommand {
     /// Members, Raft leader, term, last log index, applied index and each
     /// member's lag (asked of the leader), streams and cluster-wide config.
     Status,
+    /// Move a shard's leadership to one of its followers, as planned (with
+    /// data replication on): the leader stops taking writes (producers are
+    /// redirected), waits until the new leader has its whole log, then the
+    /// new leader is recorded at the next epoch. Nothing acknowledged is
+    /// lost and nothing in flight is refused; prints the timings.
+    Transfer {
+        /// The shard (`kaelix cluster status` lists them with their leaders).
+        #[arg(long)]
+        shard: u32,
+        /// The new leader; the follower whose log goes furthest when left out.
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 /// Run `kaelix cluster ...`.
@@ -212,6 +229,45 @@ async fn inner(command: ClusterCommand, conn: &Conn) -> Result<(), Failure> {
             } else {
                 println!(
                     "node {id} removed from the cluster; stop its broker (it keeps its old view until shut down)"
+                );
+            }
+        }
+        ClusterCommand::Transfer { shard, to } => {
+            let request = TransferRequest {
+                shard,
+                to,
+                forwarded: false,
+            };
+            let message = RaftMessage {
+                json: serde_json::to_vec(&request)
+                    .map_err(|e| Failure(format!("cluster transfer: {e}")))?,
+            };
+            let reply = client
+                .transfer_shard(message)
+                .await
+                .map_err(|s| rpc_failure("cluster transfer", &conn.admin, s))?
+                .into_inner();
+            let result: Result<TransferReport, String> = serde_json::from_slice(&reply.json)
+                .map_err(|e| Failure(format!("cluster transfer: undecodable reply: {e}")))?;
+            let report = result.map_err(|e| Failure(format!("cluster transfer: {e}")))?;
+            if conn.json {
+                print_json(&serde_json::to_value(&report).unwrap_or(Value::Null));
+            } else {
+                let leading = report
+                    .leading_ms
+                    .map_or("not confirmed within 2 s".to_string(), |ms| {
+                        format!("{ms:.1} ms")
+                    });
+                println!(
+                    "shard {}: node {} leads it now (was node {}, epoch {}): it had the whole log \
+                     (position {}) after {:.1} ms, was recorded after {:.1} ms, took writes after {leading}",
+                    report.shard,
+                    report.to,
+                    report.from,
+                    report.epoch,
+                    report.position,
+                    report.caught_up_ms,
+                    report.recorded_ms
                 );
             }
         }

@@ -52,7 +52,7 @@ pub use metadata::{
 };
 pub use node::{
     ClusterNode, ClusterNodeConfig, ClusterStatus, FollowerProgress, PositionSource, ProposeError,
-    ShardPosition, shard_positions,
+    ShardPosition, TransferReport, TransferRequest, shard_positions,
 };
 
 /// A node's identifier in the Raft group.

@@ -364,4 +364,16 @@ impl ClusterRaft for RaftService {
             .map(Response::new)
             .map_err(|e| Status::internal(e.to_string()))
     }
+
+    async fn transfer_shard(
+        &self,
+        request: Request<RaftMessage>,
+    ) -> Result<Response<RaftMessage>, Status> {
+        let request: super::node::TransferRequest = decode(request.get_ref())
+            .map_err(|e| Status::invalid_argument(format!("transfer request: {e}")))?;
+        let result = self.local.transfer_shard(request).await;
+        encode(&result)
+            .map(Response::new)
+            .map_err(|e| Status::internal(e.to_string()))
+    }
 }

@@ -171,7 +171,53 @@ pub(crate) struct Local {
     pub(crate) state_machine: StateMachineStore,
     /// Where this broker's shard logs end (set once data replication runs).
     pub(crate) positions: std::sync::OnceLock<PositionSource>,
+    /// Planned leadership transfers of shards led here (set once data
+    /// replication runs).
+    pub(crate) transfers: std::sync::OnceLock<TransferQueue>,
 }
+
+/// A planned move of a shard's leadership (`kaelix cluster transfer`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TransferRequest {
+    /// Shard id.
+    pub shard: u32,
+    /// The new leader (one of the shard's followers); `None`: the follower
+    /// whose log goes furthest.
+    pub to: Option<NodeId>,
+    /// Already forwarded once (a member that does not lead the shard
+    /// forwards to the one the metadata names, which must serve it).
+    #[serde(default)]
+    pub forwarded: bool,
+}
+
+/// What a planned transfer did, with its timings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TransferReport {
+    /// Shard id.
+    pub shard: u32,
+    /// The former leader.
+    pub from: NodeId,
+    /// The new leader.
+    pub to: NodeId,
+    /// The new leader's epoch.
+    pub epoch: u64,
+    /// Where the shard's log ended when the old leader stopped taking
+    /// writes (the new leader had all of it before the switch).
+    pub position: u64,
+    /// From the request to the new leader having the whole log (ms).
+    pub caught_up_ms: f64,
+    /// From the request to the new leader recorded in the metadata (ms).
+    pub recorded_ms: f64,
+    /// From the request to the new leader taking writes (ms; `None` if it
+    /// did not say so within 2 s).
+    pub leading_ms: Option<f64>,
+}
+
+/// How the cluster RPC hands a transfer to the broker's replication task.
+pub type TransferQueue = tokio::sync::mpsc::Sender<(
+    TransferRequest,
+    tokio::sync::oneshot::Sender<Result<TransferReport, String>>,
+)>;
 
 /// Where one shard's log ends on a node, as the failover controller asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -194,6 +240,58 @@ pub struct ShardPosition {
 pub type PositionSource = std::sync::Arc<dyn Fn() -> Vec<ShardPosition> + Send + Sync>;
 
 impl Local {
+    /// Serve a transfer here when this node leads the shard (per the
+    /// applied metadata); otherwise forward it once to the leader.
+    pub(crate) async fn transfer_shard(
+        &self,
+        request: TransferRequest,
+    ) -> Result<TransferReport, String> {
+        let metadata = self.state_machine.metadata();
+        let shard = request.shard;
+        let assignment = metadata.shards.get(&shard).ok_or_else(|| {
+            format!(
+                "shard {shard} has no replica set (cluster.replication_factor is 0, or the shard \
+                 is not assigned yet)"
+            )
+        })?;
+        if assignment.leader == self.id {
+            let queue = self.transfers.get().ok_or_else(|| {
+                "this broker does not run data replication (cluster.replication_factor)".to_string()
+            })?;
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            queue
+                .send((request, reply))
+                .await
+                .map_err(|_| "the broker is stopping".to_string())?;
+            return answer
+                .await
+                .map_err(|_| "the broker stopped during the transfer".to_string())?;
+        }
+        if request.forwarded {
+            return Err(format!(
+                "shard {shard}: this node ({}) does not lead it (node {} does at epoch {}); \
+                 leadership moved meanwhile: try again",
+                self.id, assignment.leader, assignment.epoch
+            ));
+        }
+        let leader = metadata.members.get(&assignment.leader).ok_or_else(|| {
+            format!(
+                "shard {shard}: its leader, node {}, is no member",
+                assignment.leader
+            )
+        })?;
+        forward_transfer(
+            &leader.raft_addr,
+            TransferRequest {
+                forwarded: true,
+                ..request
+            },
+        )
+        .await
+    }
+}
+
+impl Local {
     /// Propose on this node; fails with `NotLeader` unless it leads.
     pub(crate) async fn propose(
         &self,
@@ -204,6 +302,10 @@ impl Local {
             .client_write(command)
             .await
             .map_err(from_write_error)?;
+        // Tell the followers the entry is committed now rather than with
+        // the next heartbeat: a shard's new leader (on another node) takes
+        // writes once it applied the change. Metadata changes are rare.
+        let _ = self.raft.trigger().heartbeat().await;
         Ok((reply.log_id, reply.data))
     }
 
@@ -393,6 +495,7 @@ impl ClusterNode {
             addr: addr.clone(),
             state_machine: state_machine.clone(),
             positions: std::sync::OnceLock::new(),
+            transfers: std::sync::OnceLock::new(),
         });
         let service = ClusterRaftServer::new(RaftService::new(local.clone()))
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
@@ -511,6 +614,17 @@ impl ClusterNode {
     /// Answer `ShardPositions` from `source` (once; later calls are ignored).
     pub fn set_position_source(&self, source: PositionSource) {
         let _ = self.local.positions.set(source);
+    }
+
+    /// Serve `TransferShard` for the shards led here through `queue` (once).
+    pub(crate) fn set_transfer_queue(&self, queue: TransferQueue) {
+        let _ = self.local.transfers.set(queue);
+    }
+
+    /// Move `request.shard`'s leadership as planned: served by the shard's
+    /// leader (asked through the cluster RPC when that is another member).
+    pub async fn transfer_shard(&self, request: TransferRequest) -> Result<TransferReport, String> {
+        self.local.transfer_shard(request).await
     }
 
     /// A copy of this node's applied metadata.
@@ -666,22 +780,65 @@ fn membership_result(reply: MembershipReply) -> Result<(), ProposeError> {
     }
 }
 
+/// Send a transfer to the shard's leader at `addr` (its cluster address).
+async fn forward_transfer(addr: &str, request: TransferRequest) -> Result<TransferReport, String> {
+    let mut client = network::client(addr).map_err(|e| format!("leader at {addr}: {e}"))?;
+    let message = network::encode(&request).map_err(|e| e.to_string())?;
+    let reply = client
+        .transfer_shard(message)
+        .await
+        .map_err(|status| format!("leader at {addr}: {}", status.message()))?;
+    network::decode::<Result<TransferReport, String>>(reply.get_ref())
+        .map_err(|e| format!("leader at {addr}: undecodable reply: {e}"))?
+}
+
 /// Ask the node at `addr` (its cluster address) where its shard logs end.
 pub async fn shard_positions(
     addr: &str,
     timeout: Duration,
 ) -> Result<Vec<ShardPosition>, ProposeError> {
+    ask_shard_positions(addr, timeout)
+        .await
+        .map_err(|(_, err)| err)
+}
+
+/// [`shard_positions`], the error paired with whether the connection was
+/// refused: nothing listens at `addr`, so the node's process is gone (or
+/// stopping: a broker stops its data replication before its cluster
+/// listener, so a refusing node commits nothing).
+pub(crate) async fn ask_shard_positions(
+    addr: &str,
+    timeout: Duration,
+) -> Result<Vec<ShardPosition>, (bool, ProposeError)> {
     let call = async {
-        let mut client = network::client(addr).map_err(|e| unreachable(addr, e))?;
-        let request = network::encode(&()).map_err(|e| unreachable(addr, e))?;
+        let mut client = network::client(addr).map_err(|e| (false, unreachable(addr, e)))?;
+        let request = network::encode(&()).map_err(|e| (false, unreachable(addr, e)))?;
         let reply = client
             .shard_positions(request)
             .await
-            .map_err(|s| unreachable(addr, s))?;
+            .map_err(|s| (connection_refused(&s), unreachable(addr, s)))?;
         network::decode::<Vec<ShardPosition>>(reply.get_ref())
-            .map_err(|e| unreachable(addr, format!("undecodable reply: {e}")))
+            .map_err(|e| (false, unreachable(addr, format!("undecodable reply: {e}"))))
     };
-    tokio::time::timeout(timeout, call)
-        .await
-        .map_err(|_| unreachable(addr, format!("no answer within {timeout:?}")))?
+    tokio::time::timeout(timeout, call).await.map_err(|_| {
+        (
+            false,
+            unreachable(addr, format!("no answer within {timeout:?}")),
+        )
+    })?
+}
+
+/// Whether `err` (or an error it wraps) is a refused TCP connection.
+fn connection_refused(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(err);
+    while let Some(err) = next {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused)
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }

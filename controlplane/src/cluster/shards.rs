@@ -40,8 +40,11 @@ use kaelix_dataplane::ShardRole;
 use kaelix_protocol::LeaderHint;
 use tokio::sync::watch;
 
-use super::node::{ShardPosition, shard_positions};
-use super::{ClusterMetadata, ClusterNode, MetadataCommand, NodeEndpoints, NodeId};
+use super::node::{ShardPosition, ask_shard_positions, shard_positions};
+use super::{
+    ClusterMetadata, ClusterNode, MetadataCommand, NodeEndpoints, NodeId, TransferReport,
+    TransferRequest,
+};
 use crate::broker::Broker;
 use crate::config::ClusterSection;
 use crate::replication::{
@@ -141,55 +144,72 @@ pub(crate) async fn run(
         followers: HashMap::new(),
         agreed,
     };
+    let (transfer_queue, mut transfers) = tokio::sync::mpsc::channel(4);
+    local.node.set_transfer_queue(transfer_queue);
     let mut controller = Controller::default();
     let tick = Duration::from_millis((local.settings.failover_after_ms / 3).max(5));
     let mut last_register = None::<Instant>;
+    // Roles follow the metadata as soon as this node applies a change (a
+    // failover's new leader takes writes, its followers reconnect); the
+    // registration and the controller run every `tick`.
+    let mut metrics = local.node.raft().metrics();
+    let mut applied = None;
+    let mut next_tick = tokio::time::Instant::now();
     loop {
-        let metadata = local.node.metadata();
-        let endpoints = local.endpoints();
-        if metadata.nodes.get(&local.node.id()) != Some(&endpoints)
-            && last_register.is_none_or(|at: Instant| at.elapsed() > Duration::from_millis(500))
-        {
-            last_register = Some(Instant::now());
-            let command = MetadataCommand::RegisterNode {
-                node_id: local.node.id(),
-                endpoints,
-            };
-            if let Err(err) = local.node.propose(command).await {
-                tracing::debug!(error = %err, "registering this broker's data endpoints; will retry");
+        let now_applied = metrics.borrow_and_update().last_applied;
+        let tick_due = tokio::time::Instant::now() >= next_tick;
+        if tick_due || now_applied != applied {
+            applied = now_applied;
+            let metadata = local.node.metadata();
+            if tick_due {
+                next_tick = tokio::time::Instant::now() + tick;
+                let endpoints = local.endpoints();
+                if metadata.nodes.get(&local.node.id()) != Some(&endpoints)
+                    && last_register
+                        .is_none_or(|at: Instant| at.elapsed() > Duration::from_millis(500))
+                {
+                    last_register = Some(Instant::now());
+                    let command = MetadataCommand::RegisterNode {
+                        node_id: local.node.id(),
+                        endpoints,
+                    };
+                    if let Err(err) = local.node.propose(command).await {
+                        tracing::debug!(error = %err, "registering this broker's data endpoints; will retry");
+                    }
+                }
             }
-        }
-        super::streams::reconcile(&local.broker, &local.node, &metadata).await;
-        local.reconcile(&metadata).await;
-        let metrics = local.node.raft().metrics().borrow().clone();
-        if metrics.current_leader == Some(local.node.id()) {
-            // The controller's own broker: its lease holds while a quorum
-            // of the Raft group still follows this leader. A controller
-            // that lost its quorum (a new Raft leader may be
-            // running one already) stops too: its questions renew leases.
-            // Leadership is confirmed by a heartbeat round to a quorum
-            // (openraft's metrics only report the time since the last
-            // quorum ack when they are published, which can be long ago).
-            let lease_ms = local.settings.failover_after_ms / 2;
-            let asked = Instant::now();
-            let confirmed = tokio::time::timeout(
-                Duration::from_millis(lease_ms.max(1)),
-                local.node.raft().get_read_log_id(),
-            )
-            .await
-            .is_ok_and(|answer| answer.is_ok());
-            // Unconfirmed: skip this tick (each tick asks everybody before
-            // it judges anyone silent).
-            if confirmed {
-                lease.renew_since(asked);
-                controller.tick(&local, &metadata).await;
+            super::streams::reconcile(&local.broker, &local.node, &metadata).await;
+            local.reconcile(&metadata).await;
+            if tick_due {
+                controller_tick(&mut controller, &local, &lease, &metadata).await;
             }
-        } else {
-            controller = Controller::default();
         }
         tokio::select! {
             _ = stop.changed() => break,
-            _ = tokio::time::sleep(tick) => {}
+            _ = tokio::time::sleep_until(next_tick) => {}
+            changed = metrics.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+            }
+            Some((request, reply)) = transfers.recv() => {
+                let started = Instant::now();
+                match local.transfer(&request, started).await {
+                    // Waiting for the new leader to take writes is not this
+                    // loop's business (the controller must keep asking).
+                    Ok((report, target)) => {
+                        tokio::spawn(async move {
+                            let report = confirm_leading(report, target, started).await;
+                            tracing::info!(?report, "shard leadership transferred");
+                            let _ = reply.send(Ok(report));
+                        });
+                    }
+                    Err(err) => {
+                        tracing::warn!(shard = request.shard, error = %err, "shard leadership transfer refused or failed");
+                        let _ = reply.send(Err(err));
+                    }
+                }
+            }
         }
     }
     for (_, follower) in local.followers.drain() {
@@ -197,6 +217,69 @@ pub(crate) async fn run(
     }
     if let Some(leader) = local.leader.take() {
         leader.shutdown().await;
+    }
+}
+
+/// Fill in when the new leader of a transfer took writes: its own answer
+/// to `ShardPositions` (leading the shard at the new epoch), asked at the
+/// cluster address `target` every millisecond for up to 2 s.
+async fn confirm_leading(
+    mut report: TransferReport,
+    target: Option<String>,
+    started: Instant,
+) -> TransferReport {
+    let Some(addr) = target else {
+        return report;
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let leads = shard_positions(&addr, Duration::from_millis(500))
+            .await
+            .is_ok_and(|positions| {
+                positions
+                    .iter()
+                    .any(|p| p.shard == report.shard && p.leading && p.epoch == report.epoch)
+            });
+        if leads {
+            report.leading_ms = Some(ms(started.elapsed()));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    report
+}
+
+/// One controller round, on the Raft leader only.
+async fn controller_tick(
+    controller: &mut Controller,
+    local: &Local,
+    lease: &Lease,
+    metadata: &ClusterMetadata,
+) {
+    let metrics = local.node.raft().metrics().borrow().clone();
+    if metrics.current_leader != Some(local.node.id()) {
+        *controller = Controller::default();
+        return;
+    }
+    // The controller's own broker: its lease holds while a quorum of the
+    // Raft group still follows this leader. A controller that lost its
+    // quorum (a new Raft leader may be running one already) stops too: its
+    // questions renew leases. Leadership is confirmed by a heartbeat round
+    // to a quorum (openraft's metrics only report the time since the last
+    // quorum ack when they are published, which can be long ago).
+    let lease_ms = local.settings.failover_after_ms / 2;
+    let asked = Instant::now();
+    let confirmed = tokio::time::timeout(
+        Duration::from_millis(lease_ms.max(1)),
+        local.node.raft().get_read_log_id(),
+    )
+    .await
+    .is_ok_and(|answer| answer.is_ok());
+    // Unconfirmed: skip this tick (each tick asks everybody before it
+    // judges anyone silent).
+    if confirmed {
+        lease.renew_since(asked);
+        controller.tick(local, metadata).await;
     }
 }
 
@@ -306,6 +389,16 @@ impl Local {
             if matches!(self.roles[index], Role::Lead { .. }) {
                 leaders_changed = true;
             }
+            // Still leading at the same epoch, only the followers changed
+            // (a replica set following the membership): the flows and the
+            // writes in flight stay; only the replication leader restarts.
+            if let (Role::Lead { epoch: was, .. }, Role::Lead { epoch, .. }) =
+                (&self.roles[index], &wanted)
+                && was == epoch
+            {
+                self.roles[index] = wanted;
+                continue;
+            }
             match &wanted {
                 Role::Idle(hint) => {
                     self.agreed[index].store(0, Ordering::Release);
@@ -316,6 +409,7 @@ impl Local {
                 Role::Lead { epoch, .. } => {
                     // Rebuild duplicate detection from the log (it holds
                     // what the previous leader appended), then take writes.
+                    let rebuilding = Instant::now();
                     if let Err(err) = crate::shard_call::call(handle, |log, flows| {
                         crate::broker::reload_flows(log, flows);
                     })
@@ -327,7 +421,12 @@ impl Local {
                     handle.tunables.set_role(ShardRole::Leading);
                     self.agreed[index].store(*epoch, Ordering::Release);
                     leaders_changed = true;
-                    tracing::info!(shard, epoch, "leading the shard");
+                    tracing::info!(
+                        shard,
+                        epoch,
+                        flows_rebuilt_ms = ms(rebuilding.elapsed()),
+                        "leading the shard"
+                    );
                 }
                 Role::Follow {
                     epoch,
@@ -378,6 +477,147 @@ impl Local {
         if leaders_changed {
             self.restart_leader().await;
         }
+    }
+
+    /// A planned move of `request.shard`'s leadership to a follower: stop
+    /// taking writes (PRODUCE frames get `not_leader` naming the new
+    /// leader), wait until the new leader's log has everything this one
+    /// appended (so every acknowledged write is there, and what was in
+    /// flight gets acknowledged here once it is), then record the new
+    /// leader at the next epoch. On a failure before the record the shard
+    /// takes writes again.
+    /// Returns the report (but when the new leader takes writes) and the
+    /// new leader's cluster address, to ask that with [`confirm_leading`].
+    async fn transfer(
+        &mut self,
+        request: &TransferRequest,
+        started: Instant,
+    ) -> Result<(TransferReport, Option<String>), String> {
+        const CATCH_UP: Duration = Duration::from_secs(2);
+        let shard = request.shard;
+        let me = self.node.id();
+        let metadata = self.node.metadata();
+        let Some(assignment) = metadata.shards.get(&shard) else {
+            return Err(format!("shard {shard} has no replica set"));
+        };
+        let epoch = assignment.epoch;
+        let index = shard as usize;
+        let wanted = self.wanted(&metadata, shard);
+        if !matches!(wanted, Role::Lead { .. }) || self.roles.get(index) != Some(&wanted) {
+            return Err(format!(
+                "shard {shard}: not led here at epoch {epoch} (node {} leads it); try again",
+                assignment.leader
+            ));
+        }
+        let progress = self
+            .leader
+            .as_ref()
+            .and_then(|leader| leader.progress(shard))
+            .unwrap_or_default();
+        let target = match request.to {
+            Some(to) => {
+                if to == me {
+                    return Err(format!("shard {shard}: node {to} leads it already"));
+                }
+                if !assignment.replicas.contains(&to) {
+                    return Err(format!(
+                        "shard {shard}: node {to} holds no replica (replicas {:?})",
+                        assignment.replicas
+                    ));
+                }
+                to
+            }
+            None => progress
+                .iter()
+                .filter(|p| p.connected)
+                .max_by(|a, b| a.appended.cmp(&b.appended).then(b.node_id.cmp(&a.node_id)))
+                .map(|p| p.node_id)
+                .ok_or_else(|| format!("shard {shard}: no follower is connected"))?,
+        };
+        if !progress.iter().any(|p| p.node_id == target && p.connected) {
+            return Err(format!(
+                "shard {shard}: node {target} is not following (no replication session): \
+                 it could not take over without a gap"
+            ));
+        }
+        let hint = metadata
+            .nodes
+            .get(&target)
+            .and_then(|n| n.shard_data_addrs.get(index))
+            .and_then(|addr| addr.parse().ok());
+        let handle = &self.broker.shards()[index];
+        // Fence: nothing is appended after the shard reads the new role,
+        // which it does before the call below runs.
+        handle
+            .tunables
+            .set_role(ShardRole::Following(LeaderHint::new(hint)));
+        let restore =
+            |handle: &crate::broker::ShardHandle| handle.tunables.set_role(ShardRole::Leading);
+        let end = match crate::shard_call::call(handle, |log, _| log.positions().appended).await {
+            Ok(end) => end,
+            Err(err) => {
+                restore(handle);
+                return Err(format!("shard {shard}: reading the log's end: {err}"));
+            }
+        };
+        let deadline = Instant::now() + CATCH_UP;
+        loop {
+            let at = self
+                .leader
+                .as_ref()
+                .and_then(|leader| leader.progress(shard))
+                .and_then(|p| p.into_iter().find(|p| p.node_id == target))
+                .map_or(0, |p| p.appended);
+            if at >= end {
+                break;
+            }
+            if Instant::now() >= deadline {
+                restore(handle);
+                return Err(format!(
+                    "shard {shard}: node {target} did not catch up within {CATCH_UP:?} \
+                     (at {at} of {end}); the shard takes writes here again"
+                ));
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let caught_up_ms = ms(started.elapsed());
+        let command = MetadataCommand::SetShardLeader {
+            shard,
+            leader: target,
+            epoch: epoch + 1,
+        };
+        if let Err(err) = self.node.propose(command).await {
+            // Unless it was recorded after all (then reconcile follows it).
+            if self
+                .node
+                .metadata()
+                .shards
+                .get(&shard)
+                .is_some_and(|a| a.leader == me && a.epoch == epoch)
+            {
+                restore(handle);
+            }
+            return Err(format!(
+                "shard {shard}: recording node {target} as leader: {err}"
+            ));
+        }
+        let recorded_ms = ms(started.elapsed());
+        // Follow the new leader now (this broker's roles come from the
+        // metadata, which may not have applied the change here yet).
+        let applied = self.node.metadata();
+        self.reconcile(&applied).await;
+        let raft_addr = applied.members.get(&target).map(|m| m.raft_addr.clone());
+        let report = TransferReport {
+            shard,
+            from: me,
+            to: target,
+            epoch: epoch + 1,
+            position: end,
+            caught_up_ms,
+            recorded_ms,
+            leading_ms: None,
+        };
+        Ok((report, raft_addr))
     }
 
     /// Serve the shards led now (the listener keeps its address).
@@ -441,13 +681,27 @@ impl Local {
 struct Controller {
     /// When each member last answered, and what it said.
     heard: BTreeMap<NodeId, (Instant, Vec<ShardPosition>)>,
+    /// Members whose last answer was a refused connection.
+    refused: std::collections::BTreeSet<NodeId>,
     started: Option<Instant>,
+    /// When the last round started.
+    last_round: Option<Instant>,
     /// Replica sets following the membership (node add/remove).
     mover: super::rebalance::ReplicaMover,
 }
 
 impl Controller {
     async fn tick(&mut self, local: &Local, metadata: &ClusterMetadata) {
+        // A controller that itself did not run for a whole failover time
+        // (its broker stalled: a loaded machine, a long transfer) knows
+        // nothing recent about anybody: it starts over with a full grace
+        // period rather than blame the members for its own silence.
+        let limit = Duration::from_millis(local.settings.failover_after_ms);
+        if self.last_round.is_some_and(|at| at.elapsed() > limit) {
+            self.heard.clear();
+            self.started = None;
+        }
+        self.last_round = Some(Instant::now());
         let started = *self.started.get_or_insert_with(Instant::now);
         let me = local.node.id();
         let factor = local.settings.replication_factor as usize;
@@ -477,22 +731,34 @@ impl Controller {
         for (id, member) in metadata.members.iter().filter(|(id, _)| **id != me) {
             let addr = member.raft_addr.clone();
             let id = *id;
-            asks.spawn(async move { (id, shard_positions(&addr, timeout).await) });
+            asks.spawn(async move { (id, ask_shard_positions(&addr, timeout).await) });
         }
         while let Some(answer) = asks.join_next().await {
-            if let Ok((id, Ok(positions))) = answer {
-                self.heard.insert(id, (Instant::now(), positions));
+            match answer {
+                Ok((id, Ok(positions))) => {
+                    self.refused.remove(&id);
+                    self.heard.insert(id, (Instant::now(), positions));
+                }
+                Ok((id, Err((refused, _)))) => {
+                    if refused {
+                        self.refused.insert(id);
+                    }
+                }
+                Err(_) => {}
             }
         }
         self.heard.insert(
             me,
             (Instant::now(), positions(&local.broker, &local.agreed)),
         );
+        // A member whose connection was refused runs no broker there (gone,
+        // or stopping: it stopped replicating first), so it commits
+        // nothing: it counts as silent at once, with no lease to wait for.
         let silent_for = |id: &NodeId| match self.heard.get(id) {
+            _ if self.refused.contains(id) => limit,
             Some((at, _)) => at.elapsed(),
             None => started.elapsed(),
         };
-        let limit = Duration::from_millis(local.settings.failover_after_ms);
         for (shard, assignment) in &metadata.shards {
             if silent_for(&assignment.leader) < limit {
                 continue;
@@ -731,6 +997,11 @@ async fn truncate_to_leader(
         }
         _ => Ok(None),
     }
+}
+
+/// A duration in milliseconds, for reports.
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1e3
 }
 
 /// The replica set of `shard`: `factor` of the `nodes`, starting at a

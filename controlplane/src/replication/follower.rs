@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kaelix_dataplane::ShardTask;
 use kaelix_storage::{
@@ -457,13 +457,18 @@ async fn run(
     shared: Arc<Shared>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), FollowerError> {
+    // The first retry comes soon (a new leader may be rebinding its
+    // listener), then they space out to `reconnect_delay`.
+    let mut delay = replication.reconnect_delay / 16;
     let result = loop {
         if *stop.borrow() {
             break Ok(());
         }
         shared.sessions.fetch_add(1, Ordering::AcqRel);
         let outcome = session(&config, &replication, &mut log, &shared, &mut stop).await;
-        shared.connected.store(false, Ordering::Release);
+        if shared.connected.swap(false, Ordering::AcqRel) {
+            delay = replication.reconnect_delay / 16;
+        }
         match outcome {
             Ok(Outcome::Stopped) => break Ok(()),
             Ok(Outcome::Truncate(segment)) => {
@@ -507,8 +512,9 @@ async fn run(
                     .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(err.to_string());
                 tokio::select! {
                     _ = stop.changed() => {}
-                    _ = tokio::time::sleep(replication.reconnect_delay) => {}
+                    _ = tokio::time::sleep(delay) => {}
                 }
+                delay = (delay * 2).clamp(Duration::from_millis(1), replication.reconnect_delay);
             }
         }
     };

@@ -230,8 +230,8 @@ pub fn shard0(
         .find(|p| p.shard == 0)
 }
 
-/// `kaelix ARGS`, which must succeed; its stdout.
-pub fn kaelix_ok(bin: &Path, args: &[&str]) -> String {
+/// `kaelix ARGS` (30 s at most): its status and output.
+pub fn kaelix_output(bin: &Path, args: &[&str]) -> std::process::Output {
     let child = Command::new(bin)
         .args(args)
         .env("KAELIX_LOG", "warn")
@@ -240,7 +240,12 @@ pub fn kaelix_ok(bin: &Path, args: &[&str]) -> String {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting kaelix");
-    let out = kaelix_tests::output_within(child, Duration::from_secs(30), &format!("{args:?}"));
+    kaelix_tests::output_within(child, Duration::from_secs(30), &format!("{args:?}"))
+}
+
+/// `kaelix ARGS`, which must succeed; its stdout.
+pub fn kaelix_ok(bin: &Path, args: &[&str]) -> String {
+    let out = kaelix_output(bin, args);
     assert!(
         out.status.success(),
         "kaelix {args:?} failed: {}{}",
@@ -248,6 +253,13 @@ pub fn kaelix_ok(bin: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `kaelix ARGS`, which must fail; its stderr.
+pub fn kaelix_fails(bin: &Path, args: &[&str]) -> String {
+    let out = kaelix_output(bin, args);
+    assert!(!out.status.success(), "kaelix {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// The node leading shard 0 (asked over the cluster RPC), if one says so.
@@ -331,18 +343,8 @@ pub fn kaelix_in_background(bin: &Path, args: &[&str]) -> std::thread::JoinHandl
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     std::thread::spawn(move || {
         for attempt in 1.. {
-            let out = kaelix_tests::output_within(
-                Command::new(&bin)
-                    .args(&args)
-                    .env("KAELIX_LOG", "warn")
-                    .env_remove("KAELIX_ADMIN")
-                    .stdout(Stdio::piped())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .expect("starting kaelix"),
-                Duration::from_secs(30),
-                &format!("{args:?}"),
-            );
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let out = kaelix_output(&bin, &refs);
             let stderr = String::from_utf8_lossy(&out.stderr);
             if out.status.success() || (attempt > 1 && stderr.contains("is not a member")) {
                 return;
@@ -364,7 +366,20 @@ pub struct Load<'a> {
     pub sent: Vec<Vec<u8>>,
 }
 
-impl Load<'_> {
+impl<'a> Load<'a> {
+    /// A load on `producer` once its first message (remembered) was
+    /// acknowledged: the shard assigned and a follower caught up.
+    pub fn after_first_ack(producer: &'a Producer) -> Self {
+        let warmup = b"warmup".to_vec();
+        producer
+            .send_and_wait(STREAM, &warmup, Duration::from_secs(60))
+            .expect("the first replicated ACK");
+        Self {
+            producer,
+            sent: vec![warmup],
+        }
+    }
+
     pub fn send(&mut self, phase: &str) {
         let payload = format!("{phase} message {:06}", self.sent.len()).into_bytes();
         self.producer.send(STREAM, &payload).expect("send");
