@@ -208,6 +208,52 @@ pub(crate) struct Shared {
     pub live_segments: AtomicU64,
     /// At most this many live segments, the prepared one included.
     pub live_limit_segments: u64,
+    /// Wakes a reader that waits for appends ([`crate::CommitPositions::wake_on_append`]).
+    pub append_signal: AppendSignal,
+}
+
+/// What a reader waiting for the next append (the replication leader's
+/// sessions) gets woken by: the writer calls the waker after publishing a
+/// batch, only when a reader said it waits, so a busy writer pays one
+/// atomic load per batch and the lock is taken once per wait at most.
+#[derive(Default)]
+pub(crate) struct AppendSignal {
+    waiting: AtomicBool,
+    waker: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+}
+
+impl std::fmt::Debug for AppendSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppendSignal")
+            .field("waiting", &self.waiting.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppendSignal {
+    /// Use `waker` from now on (replacing the previous one).
+    pub fn set_waker(&self, waker: Option<Arc<dyn Fn() + Send + Sync>>) {
+        *self.waker.lock().unwrap_or_else(|p| p.into_inner()) = waker;
+    }
+
+    /// A reader is about to wait: wake it at the next append. The caller
+    /// checks the appended position again after this (the writer stores
+    /// it before it looks here; both sides order with `SeqCst`).
+    pub fn want_wake(&self) {
+        self.waiting.store(true, Ordering::SeqCst);
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// After the writer published an append.
+    pub fn appended(&self) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        if self.waiting.load(Ordering::SeqCst) && self.waiting.swap(false, Ordering::SeqCst) {
+            let waker = self.waker.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(waker) = waker {
+                waker();
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -1167,6 +1213,7 @@ impl BatchWriter<'_> {
         log.active.writer.publish(self.cursor);
         let end_position = segment_base + self.cursor as u64;
         log.shared.meta.store(Slot::Appended, end_position);
+        log.shared.append_signal.appended();
         if self.durability.local() == DurabilityLevel::Fsync {
             log.shared.meta.store(Slot::SyncRequest, end_position);
         }

@@ -410,6 +410,7 @@ impl ShardLog {
             catalog_generation: AtomicU64::new(0),
             live_segments: AtomicU64::new(live_segments),
             live_limit_segments,
+            append_signal: Default::default(),
         });
         let log = ShardLog {
             shared,

@@ -200,6 +200,20 @@ impl CommitPositions {
     pub fn positions(&self) -> Positions {
         load_positions(&self.shared.meta)
     }
+
+    /// Call `waker` (from the writer's thread, right after it published a
+    /// batch) when a reader asked with [`CommitPositions::want_append_wake`];
+    /// replaces the previous waker (`None`: none).
+    pub fn wake_on_append(&self, waker: Option<Arc<dyn Fn() + Send + Sync>>) {
+        self.shared.append_signal.set_waker(waker);
+    }
+
+    /// Wake the waker at the next append. Check the appended position
+    /// after this call, before waiting: an append that came first does not
+    /// wake it.
+    pub fn want_append_wake(&self) {
+        self.shared.append_signal.want_wake();
+    }
 }
 
 /// The end of a replica's log, for the catch-up handshake.

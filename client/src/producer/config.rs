@@ -45,7 +45,9 @@ pub struct ProducerConfig {
     pub congestion_window_min: usize,
     /// With several bootstrap brokers: retransmission timeouts in a row,
     /// with no reply from a shard's destination, after which the shard
-    /// moves to the next broker.
+    /// moves to the next broker. 1 (the default) leaves a dead leader after
+    /// one timeout; a false alarm (a slow leader) costs a redirect back,
+    /// since the broker rotated to names the leader.
     pub rotate_after_timeouts: u32,
 }
 
@@ -64,7 +66,7 @@ impl Default for ProducerConfig {
             heartbeat_interval: Duration::from_millis(100),
             congestion_window_initial: 64,
             congestion_window_min: 8,
-            rotate_after_timeouts: 3,
+            rotate_after_timeouts: 1,
         }
     }
 }

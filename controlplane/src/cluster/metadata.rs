@@ -304,7 +304,7 @@ impl ClusterMetadata {
                 Some(s) if *epoch != s.epoch + 1 => MetadataResponse::Rejected(format!(
                     "shard {shard} is at epoch {}, not {}",
                     s.epoch,
-                    epoch - 1
+                    epoch.saturating_sub(1)
                 )),
                 Some(s) => {
                     s.leader = *leader;

@@ -354,10 +354,13 @@ impl ClusterRaft for RaftService {
 
     async fn shard_positions(
         &self,
-        _request: Request<RaftMessage>,
+        request: Request<RaftMessage>,
     ) -> Result<Response<RaftMessage>, Status> {
+        let query: Option<super::node::PositionsQuery> = decode(request.get_ref())
+            .map_err(|e| Status::invalid_argument(format!("shard positions question: {e}")))?;
+        let renew = query.is_some_and(|q| q.renew_lease);
         let positions = match self.local.positions.get() {
-            Some(source) => source(),
+            Some(source) => source(renew),
             None => Vec::new(),
         };
         encode(&positions)

@@ -236,8 +236,20 @@ pub struct ShardPosition {
     pub epoch: u64,
 }
 
-/// Reads a broker's [`ShardPosition`]s.
-pub type PositionSource = std::sync::Arc<dyn Fn() -> Vec<ShardPosition> + Send + Sync>;
+/// Reads a broker's [`ShardPosition`]s; the argument says whether the
+/// question comes from the failover controller (which renews the shard
+/// leaders' leases) or from anybody else (which must not).
+pub type PositionSource = std::sync::Arc<dyn Fn(bool) -> Vec<ShardPosition> + Send + Sync>;
+
+/// A `ShardPositions` question (JSON; `null`, as older callers send, is a
+/// question that renews nothing).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
+pub struct PositionsQuery {
+    /// Asked by the failover controller of the current Raft leader, which
+    /// confirmed its leadership this round: renews the leader lease.
+    #[serde(default)]
+    pub renew_lease: bool,
+}
 
 impl Local {
     /// Serve a transfer here when this node leads the shard (per the
@@ -797,7 +809,7 @@ pub async fn shard_positions(
     addr: &str,
     timeout: Duration,
 ) -> Result<Vec<ShardPosition>, ProposeError> {
-    ask_shard_positions(addr, timeout)
+    ask_shard_positions(addr, timeout, false)
         .await
         .map_err(|(_, err)| err)
 }
@@ -809,10 +821,12 @@ pub async fn shard_positions(
 pub(crate) async fn ask_shard_positions(
     addr: &str,
     timeout: Duration,
+    renew_lease: bool,
 ) -> Result<Vec<ShardPosition>, (bool, ProposeError)> {
     let call = async {
         let mut client = network::client(addr).map_err(|e| (false, unreachable(addr, e)))?;
-        let request = network::encode(&()).map_err(|e| (false, unreachable(addr, e)))?;
+        let request = network::encode(&PositionsQuery { renew_lease })
+            .map_err(|e| (false, unreachable(addr, e)))?;
         let reply = client
             .shard_positions(request)
             .await
@@ -841,4 +855,54 @@ fn connection_refused(err: &(dyn std::error::Error + 'static)) -> bool {
         next = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_closed_port_is_refused_and_a_silent_one_is_not() {
+        // Nothing listens: refused (the failover controller's fast path).
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let err = ask_shard_positions(&addr, Duration::from_secs(2), false)
+            .await
+            .expect_err("nothing listens");
+        assert!(err.0, "a closed port is a refused connection: {:?}", err.1);
+        // Something accepts and never answers: silent, not refused.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let _keep = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = silent.accept().await {
+                held.push(stream);
+            }
+        });
+        let err = ask_shard_positions(&addr, Duration::from_millis(200), false)
+            .await
+            .expect_err("no answer");
+        assert!(!err.0, "a silent peer is not refused: {:?}", err.1);
+    }
+
+    #[test]
+    fn refusal_is_found_anywhere_in_the_error_chain() {
+        #[derive(Debug)]
+        struct Wrapper(std::io::Error);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "transport error")
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = Wrapper(std::io::ErrorKind::ConnectionRefused.into());
+        assert!(connection_refused(&refused));
+        let reset = Wrapper(std::io::ErrorKind::ConnectionReset.into());
+        assert!(!connection_refused(&reset));
+    }
 }

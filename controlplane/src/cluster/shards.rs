@@ -42,8 +42,8 @@ use tokio::sync::watch;
 
 use super::node::{ShardPosition, ask_shard_positions, shard_positions};
 use super::{
-    ClusterMetadata, ClusterNode, MetadataCommand, NodeEndpoints, NodeId, TransferReport,
-    TransferRequest,
+    ClusterMetadata, ClusterNode, MetadataCommand, MetadataResponse, NodeEndpoints, NodeId,
+    TransferReport, TransferRequest,
 };
 use crate::broker::Broker;
 use crate::config::ClusterSection;
@@ -80,6 +80,9 @@ struct Local {
     replication_addr: SocketAddr,
     /// Per shard, the epoch its log agrees with ([`ShardPosition::epoch`]).
     agreed: Arc<Vec<AtomicU64>>,
+    /// Shards fenced by a transfer whose record's fate is unknown (shard ->
+    /// the epoch it was led at).
+    unresolved: BTreeMap<u32, u64>,
 }
 
 /// Run until `stop` turns true.
@@ -103,11 +106,13 @@ pub(crate) async fn run(
     let position_broker = Arc::downgrade(&broker);
     let position_epochs = agreed.clone();
     let position_lease = lease.clone();
-    node.set_position_source(Arc::new(move || {
+    node.set_position_source(Arc::new(move |renew| {
         let Some(broker) = position_broker.upgrade() else {
             return Vec::new();
         };
-        position_lease.renew();
+        if renew {
+            position_lease.renew();
+        }
         positions(&broker, &position_epochs)
     }));
     let replication = ReplicationConfig {
@@ -143,6 +148,7 @@ pub(crate) async fn run(
         roles: vec![Role::Idle(None); shards],
         followers: HashMap::new(),
         agreed,
+        unresolved: BTreeMap::new(),
     };
     let (transfer_queue, mut transfers) = tokio::sync::mpsc::channel(4);
     local.node.set_transfer_queue(transfer_queue);
@@ -180,6 +186,9 @@ pub(crate) async fn run(
             }
             super::streams::reconcile(&local.broker, &local.node, &metadata).await;
             local.reconcile(&metadata).await;
+            if tick_due && !local.unresolved.is_empty() {
+                local.resolve_transfers(&metadata).await;
+            }
             if tick_due {
                 controller_tick(&mut controller, &local, &lease, &metadata).await;
             }
@@ -222,7 +231,7 @@ pub(crate) async fn run(
 
 /// Fill in when the new leader of a transfer took writes: its own answer
 /// to `ShardPositions` (leading the shard at the new epoch), asked at the
-/// cluster address `target` every millisecond for up to 2 s.
+/// cluster address `target` every 2 ms for up to 2 s.
 async fn confirm_leading(
     mut report: TransferReport,
     target: Option<String>,
@@ -244,7 +253,7 @@ async fn confirm_leading(
             report.leading_ms = Some(ms(started.elapsed()));
             break;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     report
 }
@@ -509,17 +518,20 @@ impl Local {
                 assignment.leader
             ));
         }
-        let progress = self
+        let progress: Vec<_> = self
             .leader
             .as_ref()
             .and_then(|leader| leader.progress(shard))
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|p| metadata.members.contains_key(&p.node_id))
+            .collect();
         let target = match request.to {
             Some(to) => {
                 if to == me {
                     return Err(format!("shard {shard}: node {to} leads it already"));
                 }
-                if !assignment.replicas.contains(&to) {
+                if !assignment.replicas.contains(&to) || !metadata.members.contains_key(&to) {
                     return Err(format!(
                         "shard {shard}: node {to} holds no replica (replicas {:?})",
                         assignment.replicas
@@ -586,19 +598,21 @@ impl Local {
             leader: target,
             epoch: epoch + 1,
         };
-        if let Err(err) = self.node.propose(command).await {
-            // Unless it was recorded after all (then reconcile follows it).
-            if self
-                .node
-                .metadata()
-                .shards
-                .get(&shard)
-                .is_some_and(|a| a.leader == me && a.epoch == epoch)
-            {
-                restore(handle);
-            }
+        let outcome = match tokio::time::timeout(PROPOSE_WAIT, self.node.propose(command)).await {
+            Ok(Ok((_, MetadataResponse::Ok))) => Ok(()),
+            Ok(Ok((_, MetadataResponse::Rejected(reason)))) => Err(reason),
+            Ok(Err(err)) => Err(err.to_string()),
+            Err(_) => Err(format!("no answer within {PROPOSE_WAIT:?}")),
+        };
+        if let Err(why) = outcome {
+            // The record may still commit (a Raft leader change, a broken
+            // forward): taking writes again at this epoch could then make
+            // two leaders. This node claims the same next epoch instead; of
+            // the two records only one can commit, and the roles follow it.
+            self.unresolved.insert(shard, epoch);
+            let state = self.claim_back(shard, epoch).await;
             return Err(format!(
-                "shard {shard}: recording node {target} as leader: {err}"
+                "shard {shard}: recording node {target} as leader: {why}; {state}"
             ));
         }
         let recorded_ms = ms(started.elapsed());
@@ -618,6 +632,56 @@ impl Local {
             leading_ms: None,
         };
         Ok((report, raft_addr))
+    }
+
+    /// After a transfer whose record may or may not commit: propose this
+    /// node as the leader of `shard` at `epoch + 1` (a few tries) and
+    /// follow whatever the metadata then says. Until one record is known
+    /// the shard stays fenced (no writes): `unresolved` keeps it, and the
+    /// loop tries again every tick. Says how it ended.
+    async fn claim_back(&mut self, shard: u32, epoch: u64) -> String {
+        let me = self.node.id();
+        for _ in 0..3 {
+            let command = MetadataCommand::SetShardLeader {
+                shard,
+                leader: me,
+                epoch: epoch + 1,
+            };
+            let answer = tokio::time::timeout(PROPOSE_WAIT, self.node.propose(command)).await;
+            if matches!(answer, Ok(Ok(_))) {
+                // Committed (this node leads at the next epoch) or refused
+                // (another record of that epoch committed): either way the
+                // metadata decides now.
+                self.unresolved.remove(&shard);
+                let metadata = self.node.metadata();
+                self.reconcile(&metadata).await;
+                return match metadata.shards.get(&shard) {
+                    Some(a) if a.epoch > epoch => {
+                        format!("node {} leads it at epoch {}", a.leader, a.epoch)
+                    }
+                    _ => "the metadata is being applied here; the roles follow it".into(),
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        format!(
+            "no record of epoch {} could be made: the shard takes no writes until one is \
+             (retried every tick)",
+            epoch + 1
+        )
+    }
+
+    /// Transfers whose outcome is not known yet: claim the shards back.
+    async fn resolve_transfers(&mut self, metadata: &ClusterMetadata) {
+        let pending: Vec<(u32, u64)> = self.unresolved.iter().map(|(s, e)| (*s, *e)).collect();
+        for (shard, epoch) in pending {
+            if metadata.shards.get(&shard).is_some_and(|a| a.epoch > epoch) {
+                self.unresolved.remove(&shard);
+                continue;
+            }
+            let state = self.claim_back(shard, epoch).await;
+            tracing::warn!(shard, epoch, %state, "an unfinished transfer");
+        }
     }
 
     /// Serve the shards led now (the listener keeps its address).
@@ -684,8 +748,8 @@ struct Controller {
     /// Members whose last answer was a refused connection.
     refused: std::collections::BTreeSet<NodeId>,
     started: Option<Instant>,
-    /// When the last round started.
-    last_round: Option<Instant>,
+    /// When the last round ended.
+    last_round_end: Option<Instant>,
     /// Replica sets following the membership (node add/remove).
     mover: super::rebalance::ReplicaMover,
 }
@@ -696,12 +760,18 @@ impl Controller {
         // (its broker stalled: a loaded machine, a long transfer) knows
         // nothing recent about anybody: it starts over with a full grace
         // period rather than blame the members for its own silence.
+        // (From the end of the last round: a round itself may take up to a
+        // failover time, asking a stopped member.)
         let limit = Duration::from_millis(local.settings.failover_after_ms);
-        if self.last_round.is_some_and(|at| at.elapsed() > limit) {
+        if self.last_round_end.is_some_and(|at| at.elapsed() > limit) {
             self.heard.clear();
             self.started = None;
         }
-        self.last_round = Some(Instant::now());
+        self.round(local, metadata, limit).await;
+        self.last_round_end = Some(Instant::now());
+    }
+
+    async fn round(&mut self, local: &Local, metadata: &ClusterMetadata, limit: Duration) {
         let started = *self.started.get_or_insert_with(Instant::now);
         let me = local.node.id();
         let factor = local.settings.replication_factor as usize;
@@ -731,7 +801,7 @@ impl Controller {
         for (id, member) in metadata.members.iter().filter(|(id, _)| **id != me) {
             let addr = member.raft_addr.clone();
             let id = *id;
-            asks.spawn(async move { (id, ask_shard_positions(&addr, timeout).await) });
+            asks.spawn(async move { (id, ask_shard_positions(&addr, timeout, true).await) });
         }
         while let Some(answer) = asks.join_next().await {
             match answer {
@@ -742,6 +812,8 @@ impl Controller {
                 Ok((id, Err((refused, _)))) => {
                     if refused {
                         self.refused.insert(id);
+                    } else {
+                        self.refused.remove(&id);
                     }
                 }
                 Err(_) => {}
@@ -751,22 +823,27 @@ impl Controller {
             me,
             (Instant::now(), positions(&local.broker, &local.agreed)),
         );
-        // A member whose connection was refused runs no broker there (gone,
-        // or stopping: it stopped replicating first), so it commits
-        // nothing: it counts as silent at once, with no lease to wait for.
-        let silent_for = |id: &NodeId| match self.heard.get(id) {
-            _ if self.refused.contains(id) => limit,
-            Some((at, _)) => at.elapsed(),
-            None => started.elapsed(),
+        // Silent: not heard for `limit`. A member whose connection was
+        // refused (nothing listens there: gone, or stopping, and a broker
+        // stops replicating first) counts as silent once the lease its last
+        // answer renewed has run out (half the limit, plus a margin for
+        // clock rates), in case only its cluster port is refused.
+        let lease_gone = limit / 2 + limit / 20;
+        let silent = |id: &NodeId| {
+            let quiet = match self.heard.get(id) {
+                Some((at, _)) => at.elapsed(),
+                None => started.elapsed(),
+            };
+            quiet >= limit || (self.refused.contains(id) && quiet >= lease_gone)
         };
         for (shard, assignment) in &metadata.shards {
-            if silent_for(&assignment.leader) < limit {
+            if !silent(&assignment.leader) {
                 continue;
             }
             let live: Vec<(NodeId, u64)> = assignment
                 .replicas
                 .iter()
-                .filter(|id| **id != assignment.leader && silent_for(id) < limit)
+                .filter(|id| **id != assignment.leader && !silent(id))
                 .filter_map(|id| {
                     let (_, positions) = self.heard.get(id)?;
                     let position = positions.iter().find(|p| p.shard == *shard)?;
@@ -998,6 +1075,9 @@ async fn truncate_to_leader(
         _ => Ok(None),
     }
 }
+
+/// How long a transfer waits for a metadata record.
+const PROPOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// A duration in milliseconds, for reports.
 fn ms(duration: Duration) -> f64 {

@@ -514,7 +514,9 @@ async fn run(
                     _ = stop.changed() => {}
                     _ = tokio::time::sleep(delay) => {}
                 }
-                delay = (delay * 2).clamp(Duration::from_millis(1), replication.reconnect_delay);
+                delay = (delay * 2)
+                    .max(Duration::from_millis(1))
+                    .min(replication.reconnect_delay);
             }
         }
     };

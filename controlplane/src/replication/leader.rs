@@ -99,6 +99,8 @@ struct ShardState {
     slots: Vec<Slot>,
     quorum: usize,
     lease: Option<super::Lease>,
+    /// Woken by the shard's writer after an append, when a session idles.
+    appends: Arc<tokio::sync::Notify>,
 }
 
 impl ShardState {
@@ -171,6 +173,11 @@ impl ReplicationLeader {
         for shard in shards {
             attach_as_leader(&shard.commit, shard.followers.len());
             let replicas = shard.followers.len() + 1;
+            let appends = Arc::new(tokio::sync::Notify::new());
+            let wake = appends.clone();
+            shard
+                .commit
+                .wake_on_append(Some(Arc::new(move || wake.notify_waiters())));
             let state = Arc::new(ShardState {
                 raw: Mutex::new(shard.raw),
                 commit: shard.commit,
@@ -187,6 +194,7 @@ impl ReplicationLeader {
                     .collect(),
                 quorum: replicas / 2 + 1,
                 lease: config.lease.clone(),
+                appends,
             });
             map.insert(shard.shard, state);
         }
@@ -229,6 +237,9 @@ impl ReplicationLeader {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+        for state in self.shards.values() {
+            state.commit.wake_on_append(None);
+        }
     }
 }
 
@@ -376,6 +387,27 @@ async fn serve(
     result
 }
 
+/// Between polls of a session with nothing to send: yield while data moved
+/// recently ([`pause`]), else wait for the next append (the writer wakes
+/// us) or `idle_poll`, whichever comes first (the commit moves with the
+/// followers' ACKs and the leader's syncs, which this also polls for).
+async fn idle(config: &ReplicationConfig, state: &ShardState, last_activity: Instant, next: u64) {
+    if last_activity.elapsed() < config.spin {
+        return pause(config, last_activity).await;
+    }
+    let appended = state.appends.notified();
+    tokio::pin!(appended);
+    appended.as_mut().enable();
+    state.commit.want_append_wake();
+    if state.commit.positions().appended > next {
+        return;
+    }
+    tokio::select! {
+        _ = appended => {}
+        _ = tokio::time::sleep(config.idle_poll) => {}
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn stream_records(
     rd: &mut tokio::net::tcp::OwnedReadHalf,
@@ -446,7 +478,7 @@ async fn stream_records(
                 }
                 last_activity = Instant::now();
             }
-            _ = pause(config, last_activity) => {}
+            _ = idle(config, state, last_activity, next) => {}
         }
         // The leader's own positions move too (its flusher syncs).
         state.recompute();
