@@ -45,9 +45,9 @@ pub struct ProducerConfig {
     pub congestion_window_min: usize,
     /// With several bootstrap brokers: retransmission timeouts in a row,
     /// with no reply from a shard's destination, after which the shard
-    /// moves to the next broker. 1 (the default) leaves a dead leader after
-    /// one timeout; a false alarm (a slow leader) costs a redirect back,
-    /// since the broker rotated to names the leader.
+    /// moves to the next broker. 1 leaves a dead leader soonest; a false
+    /// alarm (a leader slow to acknowledge) then costs a rotation and a
+    /// redirect back, which 3 (the default) makes rarer on loaded machines.
     pub rotate_after_timeouts: u32,
 }
 
@@ -66,7 +66,7 @@ impl Default for ProducerConfig {
             heartbeat_interval: Duration::from_millis(100),
             congestion_window_initial: 64,
             congestion_window_min: 8,
-            rotate_after_timeouts: 1,
+            rotate_after_timeouts: 3,
         }
     }
 }

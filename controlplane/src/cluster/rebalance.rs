@@ -179,6 +179,7 @@ impl ReplicaMover {
         heard: &BTreeMap<NodeId, (Instant, Vec<ShardPosition>)>,
         limit: Duration,
         factor: usize,
+        round_began: Instant,
     ) {
         self.rounds += 1;
         let round = self.rounds;
@@ -231,7 +232,13 @@ impl ReplicaMover {
                         seen_in: round,
                         target: None,
                     });
-                    if entry.seen_in < round {
+                    // The leader's own answer of this round: an older one
+                    // may predate its serving the grown set, and writes
+                    // the old quorum acknowledged could lie above it.
+                    let fresh = heard
+                        .get(&assignment.leader)
+                        .is_some_and(|(at, _)| *at >= round_began);
+                    if entry.seen_in < round && fresh {
                         let appended = reports.get(&assignment.leader).map(|r| r.appended);
                         entry.target = appended;
                         tracing::info!(

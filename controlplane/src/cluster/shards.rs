@@ -772,6 +772,7 @@ impl Controller {
     }
 
     async fn round(&mut self, local: &Local, metadata: &ClusterMetadata, limit: Duration) {
+        let round_began = Instant::now();
         let started = *self.started.get_or_insert_with(Instant::now);
         let me = local.node.id();
         let factor = local.settings.replication_factor as usize;
@@ -823,18 +824,33 @@ impl Controller {
             me,
             (Instant::now(), positions(&local.broker, &local.agreed)),
         );
-        // Silent: not heard for `limit`. A member whose connection was
-        // refused (nothing listens there: gone, or stopping, and a broker
-        // stops replicating first) counts as silent once the lease its last
+        // Silent: not heard for `limit`. A member whose cluster port
+        // refused the connection counts as silent once the lease its last
         // answer renewed has run out (half the limit, plus a margin for
-        // clock rates), in case only its cluster port is refused.
+        // clock rates), and at once when its replication port refuses too:
+        // nothing listens on either, so its broker is gone (or stopping,
+        // and a broker stops replicating first): it commits nothing.
+        let mut gone = std::collections::BTreeSet::new();
+        for id in &self.refused {
+            let replication = metadata
+                .nodes
+                .get(id)
+                .and_then(|n| n.replication_addr.parse::<SocketAddr>().ok());
+            if let Some(addr) = replication
+                && refuses(addr).await
+            {
+                gone.insert(*id);
+            }
+        }
         let lease_gone = limit / 2 + limit / 20;
         let silent = |id: &NodeId| {
             let quiet = match self.heard.get(id) {
                 Some((at, _)) => at.elapsed(),
                 None => started.elapsed(),
             };
-            quiet >= limit || (self.refused.contains(id) && quiet >= lease_gone)
+            quiet >= limit
+                || gone.contains(id)
+                || (self.refused.contains(id) && quiet >= lease_gone)
         };
         for (shard, assignment) in &metadata.shards {
             if !silent(&assignment.leader) {
@@ -881,7 +897,14 @@ impl Controller {
         // Replica sets follow the membership (a shard whose leader is
         // silent waits for the failover above).
         self.mover
-            .tick(&local.node, metadata, &self.heard, limit, factor)
+            .tick(
+                &local.node,
+                metadata,
+                &self.heard,
+                limit,
+                factor,
+                round_began,
+            )
             .await;
     }
 }
@@ -1074,6 +1097,15 @@ async fn truncate_to_leader(
         }
         _ => Ok(None),
     }
+}
+
+/// Whether a TCP connection to `addr` is refused (within 200 ms; a
+/// connection made is closed at once).
+async fn refuses(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::ConnectionRefused
+    )
 }
 
 /// How long a transfer waits for a metadata record.
