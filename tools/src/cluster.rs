@@ -1,4 +1,4 @@
-//! `kaelix cluster init|join|leave|status`, over the cluster RPCs that a
+//! `kaelix cluster init|join|leave|status|transfer`, over the cluster RPCs that a
 //! cluster member's admin API serves (`proto/cluster.proto` in the
 //! controlplane), and starting this broker's Raft node in `kaelix serve`.
 //! Same conventions as `kaelix stream|broker|config`: `--admin` names the
