@@ -14,13 +14,15 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kaelix_client::consumer::{Consumer, ConsumerConfig};
 use kaelix_client::producer::Producer;
 use kaelix_controlplane::cluster::shard_positions;
 use kaelix_tests::kaelix_bin;
+
+mod failover_support;
+use failover_support::{kaelix_ok, kaelix_output as kaelix};
 
 /// Created at runtime; on shard 0 (one shard per broker). Not one of the
 /// default configuration's `[[streams]]` (1, 2, 3).
@@ -118,30 +120,6 @@ impl Drop for Broker {
     fn drop(&mut self) {
         kaelix_tests::stop_child(&mut self.child, Duration::from_secs(20));
     }
-}
-
-/// `kaelix ARGS`, with its output (bounded in time).
-fn kaelix(bin: &Path, args: &[&str]) -> Output {
-    let child = Command::new(bin)
-        .args(args)
-        .env("KAELIX_LOG", "warn")
-        .env_remove("KAELIX_ADMIN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting kaelix");
-    kaelix_tests::output_within(child, Duration::from_secs(30), &format!("kaelix {args:?}"))
-}
-
-fn kaelix_ok(bin: &Path, args: &[&str]) -> String {
-    let out = kaelix(bin, args);
-    assert!(
-        out.status.success(),
-        "kaelix {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Whether `broker` has stream `id` (asked through `kaelix stream describe`).
@@ -300,34 +278,12 @@ fn a_stream_created_at_runtime_is_replicated_and_survives_a_leader_kill() {
         .expect("a new shard leader");
 
     // Every acknowledged message once, in order, from the new leader.
-    let mut consumer = Consumer::remote(
+    failover_support::assert_read_back_of(
         nodes[new_leader].fetch,
-        ConsumerConfig {
-            wait: Duration::from_millis(100),
-            ..ConsumerConfig::new(STREAM)
-        },
-    )
-    .expect("a consumer of the new leader");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut next = 0usize;
-    while next < sent.len() {
-        assert!(
-            Instant::now() < deadline,
-            "only {next} of {} acknowledged messages on the new leader",
-            sent.len()
-        );
-        for record in consumer.poll(4096).expect("poll") {
-            let record = record.expect("a valid record");
-            assert_eq!(record.producer_id, producer.producer_id());
-            assert_eq!(
-                record.payload,
-                sent[next].as_slice(),
-                "record {next}: exactly once, in order"
-            );
-            next += 1;
-        }
-    }
-    assert_eq!(consumer.poll(16).expect("poll").count(), 0, "no duplicate");
+        STREAM,
+        producer.producer_id(),
+        &sent,
+    );
 
     // Created while the killed broker is down: it has the stream once it
     // restarts; deleted through another broker: gone everywhere.

@@ -280,11 +280,16 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// read back from the shard leader's fetch address `fetch`: exactly once,
 /// in order, nothing after.
 pub fn assert_read_back(fetch: SocketAddr, producer_id: u32, sent: &[Vec<u8>]) {
+    assert_read_back_of(fetch, STREAM, producer_id, sent);
+}
+
+/// [`assert_read_back`] of stream `stream`.
+pub fn assert_read_back_of(fetch: SocketAddr, stream: u32, producer_id: u32, sent: &[Vec<u8>]) {
     let mut consumer = Consumer::remote(
         fetch,
         ConsumerConfig {
             wait: Duration::from_millis(100),
-            ..ConsumerConfig::new(STREAM)
+            ..ConsumerConfig::new(stream)
         },
     )
     .expect("a consumer of the leader");
