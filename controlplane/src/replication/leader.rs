@@ -391,8 +391,16 @@ async fn serve(
 /// recently ([`pause`]), else wait for the next append (the writer wakes
 /// us) or `idle_poll`, whichever comes first (the commit moves with the
 /// followers' ACKs and the leader's syncs, which this also polls for).
-async fn idle(config: &ReplicationConfig, state: &ShardState, last_activity: Instant, next: u64) {
-    if last_activity.elapsed() < config.spin {
+/// With the follower's window full, or the log's end not readable yet
+/// (`wake_on_append` false), an append does not help: poll.
+async fn idle(
+    config: &ReplicationConfig,
+    state: &ShardState,
+    last_activity: Instant,
+    next: u64,
+    wake_on_append: bool,
+) {
+    if !wake_on_append || last_activity.elapsed() < config.spin {
         return pause(config, last_activity).await;
     }
     let appended = state.appends.notified();
@@ -433,11 +441,14 @@ async fn stream_records(
         out.clear();
         let positions = state.commit.positions();
         let commit = (positions.replicated, positions.replicated_synced);
+        // Appended but not readable yet (a segment being rolled): poll.
+        let mut unreadable = false;
         while next < positions.appended
             && next - acked.min(next) < config.window_bytes
             && out.len() < config.chunk_bytes
         {
             let Some(chunk) = raw.read_chunk(next, config.chunk_bytes)? else {
+                unreadable = true;
                 break;
             };
             wire::encode_data(&mut out, chunk.position, commit.0, commit.1, chunk.bytes);
@@ -451,6 +462,8 @@ async fn stream_records(
             wr.write_all(&out).await?;
             last_activity = Instant::now();
         }
+        // Only then can an append give this session something to send.
+        let wake_on_append = !unreadable && next - acked.min(next) < config.window_bytes;
         tokio::select! {
             biased;
             read = rd.read_buf(&mut inbuf) => {
@@ -478,7 +491,7 @@ async fn stream_records(
                 }
                 last_activity = Instant::now();
             }
-            _ = idle(config, state, last_activity, next) => {}
+            _ = idle(config, state, last_activity, next, wake_on_append) => {}
         }
         // The leader's own positions move too (its flusher syncs).
         state.recompute();
