@@ -76,6 +76,17 @@ impl Node {
         cluster_port: u16,
         timings: Timings,
     ) -> Self {
+        // A restarted node keeps its data address (as a deployment with a
+        // fixed configuration does): the producers only know the addresses
+        // they were given and those the brokers' redirects name.
+        let port_file = dir.join("data-port");
+        let data_addr = std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|port| port.trim().parse::<u16>().ok())
+            .map_or_else(
+                || "127.0.0.1:0".to_string(),
+                |port| format!("127.0.0.1:{port}"),
+            );
         let config = dir.join("kaelix.toml");
         std::fs::File::create(&config)
             .and_then(|mut f| f.write_all(b"[[streams]]\nid = 1\ndurability = \"replicated\"\n"))
@@ -84,9 +95,8 @@ impl Node {
             .arg("serve")
             .arg("--config")
             .arg(&config)
+            .args(["--data-addr", &data_addr])
             .args([
-                "--data-addr",
-                "127.0.0.1:0",
                 "--fetch-addr",
                 "127.0.0.1:0",
                 "--admin-addr",
@@ -153,12 +163,14 @@ impl Node {
                 raft = rest.split_whitespace().next().map(str::to_string);
             }
         }
+        let data: SocketAddr = data.unwrap();
+        std::fs::write(&port_file, data.port().to_string()).expect("noting the data port");
         Self {
             id,
             child,
             admin: admin.unwrap(),
             raft: raft.unwrap(),
-            data: data.unwrap(),
+            data,
             fetch: fetch.expect("the fetch address"),
             dir: dir.to_path_buf(),
             cluster_port,
