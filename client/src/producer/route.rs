@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 pub const ROUTE_BACKOFF_MIN: Duration = Duration::from_millis(2);
 /// Ceiling of the backoff between moves.
 pub const ROUTE_BACKOFF_MAX: Duration = Duration::from_millis(25);
+/// Most brokers a producer rotates through: the bootstrap list plus the
+/// leaders redirects named that it did not hold.
+const BROKERS_LEARNED_MAX: usize = 64;
 
 /// The data address of the shard owning `stream_id` on a broker whose
 /// shard 0 listens at `broker` and whose `shards` shards listen on
@@ -164,19 +167,32 @@ impl Routes {
         leader: SocketAddr,
         now: Instant,
     ) -> Option<Option<Instant>> {
-        let route = &mut self.routes[shard];
-        if route.addr == leader {
+        if self.routes[shard].addr == leader {
             return None;
         }
-        route.previous = Some(route.addr);
-        route.addr = leader;
-        // Rotation goes on from the broker whose shard address this is.
+        // Rotation goes on from the broker whose shard address this is; a
+        // broker the list does not name yet (it moved, or was never given)
+        // joins the list, so that later rotations can find it again.
         let shards = self.shards;
-        if let Some(index) = self
+        let known = self
             .brokers
             .iter()
-            .position(|&broker| shard_destination(broker, shards, shard as u32) == leader)
-        {
+            .position(|&broker| shard_destination(broker, shards, shard as u32) == leader);
+        let index = known.or_else(|| {
+            let offset = if shards > 1 { shard as u16 } else { 0 };
+            let port = leader.port().checked_sub(offset)?;
+            if self.brokers.len() >= BROKERS_LEARNED_MAX
+                || u32::from(port) + u32::from(shards) - 1 > u32::from(u16::MAX)
+            {
+                return None;
+            }
+            self.brokers.push(SocketAddr::new(leader.ip(), port));
+            Some(self.brokers.len() - 1)
+        });
+        let route = &mut self.routes[shard];
+        route.previous = Some(route.addr);
+        route.addr = leader;
+        if let Some(index) = index {
             route.broker = index;
         }
         Some(Self::moved(route, now))
@@ -248,6 +264,30 @@ mod tests {
             routes.rotate(1, now);
         }
         assert_eq!(routes.route(1).hold_until, Some(now + ROUTE_BACKOFF_MAX));
+    }
+
+    #[test]
+    fn a_leader_named_by_a_redirect_joins_the_rotation() {
+        // One broker given; the leader of shard 1 lives elsewhere.
+        let mut routes = Routes::new(&[addr("127.0.0.1:7100")], 2).unwrap();
+        let now = Instant::now();
+        routes.redirect(1, addr("127.0.0.7:7301"), now);
+        assert_eq!(
+            routes.brokers(),
+            &[addr("127.0.0.1:7100"), addr("127.0.0.7:7300")],
+            "its base address (shard 1 is port + 1) was learned"
+        );
+        assert_eq!(routes.route(1).broker, 1);
+        // Rotating goes round both; shard 0 finds the learned broker too.
+        routes.rotate(1, now);
+        assert_eq!(routes.destination(1), addr("127.0.0.1:7101"));
+        routes.rotate(1, now);
+        assert_eq!(routes.destination(1), addr("127.0.0.7:7301"));
+        routes.rotate(0, now);
+        assert_eq!(routes.destination(0), addr("127.0.0.7:7300"));
+        // Known ones are not added twice.
+        routes.redirect(0, addr("127.0.0.1:7100"), now);
+        assert_eq!(routes.brokers().len(), 2);
     }
 
     #[test]
