@@ -896,11 +896,19 @@ impl Controller {
         }
         // Replica sets follow the membership (a shard whose leader is
         // silent waits for the failover above).
+        // A member refusing connections is not live for the mover either
+        // (a set grown with a dead node would need it for its quorum).
+        let answering: BTreeMap<NodeId, (Instant, Vec<ShardPosition>)> = self
+            .heard
+            .iter()
+            .filter(|(id, _)| !self.refused.contains(id))
+            .map(|(id, heard)| (*id, heard.clone()))
+            .collect();
         self.mover
             .tick(
                 &local.node,
                 metadata,
-                &self.heard,
+                &answering,
                 limit,
                 factor,
                 round_began,
