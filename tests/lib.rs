@@ -82,3 +82,48 @@ pub fn stdout_lines(child: &mut Child) -> mpsc::Receiver<String> {
     });
     rx
 }
+
+/// The addresses a clustered `kaelix serve` prints when it is ready.
+#[derive(Debug, Clone)]
+pub struct ServeAddresses {
+    /// Admin gRPC (`kaelix admin ready: grpc ADDR, ...`).
+    pub admin: String,
+    /// Cluster RPCs (`kaelix cluster ready: node ID raft ADDR ...`).
+    pub raft: String,
+    /// Shard 0's data address (`kaelix broker ready: data ADDR ...`).
+    pub data: std::net::SocketAddr,
+    /// The fetch server (`... fetch ADDR ...`).
+    pub fetch: std::net::SocketAddr,
+}
+
+/// Read the ready lines of node `id`'s `kaelix serve` from `lines` (see
+/// [`stdout_lines`]) until every address is known; panics after 60 s.
+pub fn serve_addresses(lines: &mpsc::Receiver<String>, id: u64) -> ServeAddresses {
+    let (mut admin, mut raft, mut data, mut fetch) = (None, None, None, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while admin.is_none() || raft.is_none() || data.is_none() || fetch.is_none() {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("node {id}: kaelix serve did not print its addresses"));
+        let word_after = |prefix: &str| {
+            line.split(prefix)
+                .nth(1)
+                .and_then(|rest| rest.split([' ', ',']).next())
+                .map(str::to_string)
+        };
+        if line.starts_with("kaelix broker ready: ") {
+            data = word_after("data ").and_then(|a| a.parse().ok());
+            fetch = word_after("fetch ").and_then(|a| a.parse().ok());
+        } else if line.starts_with("kaelix admin ready: ") {
+            admin = word_after("grpc ");
+        } else if line.starts_with(&format!("kaelix cluster ready: node {id} ")) {
+            raft = word_after("raft ");
+        }
+    }
+    ServeAddresses {
+        admin: admin.unwrap_or_default(),
+        raft: raft.unwrap_or_default(),
+        data: data.expect("the data address"),
+        fetch: fetch.expect("the fetch address"),
+    }
+}

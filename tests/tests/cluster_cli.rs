@@ -23,7 +23,6 @@ struct Node {
     id: u64,
     child: Child,
     admin: String,
-    raft: String,
     _dir: tempfile::TempDir,
 }
 
@@ -59,32 +58,13 @@ impl Node {
             .spawn()
             .expect("starting kaelix serve");
         let rx = kaelix_tests::stdout_lines(&mut child);
-        let mut node = Self {
+        let ready = kaelix_tests::serve_addresses(&rx, id);
+        Self {
             id,
             child,
-            admin: String::new(),
-            raft: String::new(),
+            admin: ready.admin,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while node.admin.is_empty() || node.raft.is_empty() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("node {id}: kaelix serve did not print its addresses"));
-            if let Some(rest) = line.strip_prefix("kaelix admin ready: grpc ") {
-                node.admin = rest.split(',').next().unwrap_or_default().to_string();
-            }
-            if let Some(rest) = line.strip_prefix(&format!("kaelix cluster ready: node {id} raft "))
-            {
-                node.raft = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string();
-            }
         }
-        node
     }
 
     fn kill9(&mut self) {

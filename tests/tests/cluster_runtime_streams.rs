@@ -75,34 +75,14 @@ impl Broker {
             .spawn()
             .expect("starting kaelix serve");
         let lines = kaelix_tests::stdout_lines(&mut child);
-        let (mut admin, mut raft, mut data, mut fetch) = (None, None, None, None);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while admin.is_none() || raft.is_none() || data.is_none() || fetch.is_none() {
-            let line = lines
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-                .unwrap_or_else(|_| panic!("node {id}: kaelix serve did not print its addresses"));
-            let word_after = |prefix: &str| {
-                line.split(prefix)
-                    .nth(1)
-                    .and_then(|rest| rest.split([' ', ',']).next())
-                    .map(str::to_string)
-            };
-            if line.starts_with("kaelix broker ready: ") {
-                data = word_after("data ").and_then(|a| a.parse().ok());
-                fetch = word_after("fetch ").and_then(|a| a.parse().ok());
-            } else if line.starts_with("kaelix admin ready: ") {
-                admin = word_after("grpc ");
-            } else if line.starts_with(&format!("kaelix cluster ready: node {id} ")) {
-                raft = word_after("raft ");
-            }
-        }
+        let ready = kaelix_tests::serve_addresses(&lines, id);
         Self {
             id,
             child,
-            admin: admin.unwrap(),
-            raft: raft.unwrap(),
-            data: data.unwrap(),
-            fetch: fetch.unwrap(),
+            admin: ready.admin,
+            raft: ready.raft,
+            data: ready.data,
+            fetch: ready.fetch,
             cluster_port,
         }
     }

@@ -139,39 +139,16 @@ impl Node {
             .spawn()
             .expect("starting kaelix serve");
         let rx = kaelix_tests::stdout_lines(&mut child);
-        let (mut admin, mut raft, mut data, mut fetch) = (None, None, None, None);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while admin.is_none() || raft.is_none() || data.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .unwrap_or_else(|_| panic!("node {id}: kaelix serve did not print its addresses"));
-            if let Some(rest) = line.strip_prefix("kaelix broker ready: data ") {
-                let mut words = rest.split_whitespace();
-                data = words.next().and_then(|a| a.parse().ok());
-                fetch = rest
-                    .split("fetch ")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .and_then(|a| a.parse().ok());
-            }
-            if let Some(rest) = line.strip_prefix("kaelix admin ready: grpc ") {
-                admin = rest.split(',').next().map(str::to_string);
-            }
-            if let Some(rest) = line.strip_prefix(&format!("kaelix cluster ready: node {id} raft "))
-            {
-                raft = rest.split_whitespace().next().map(str::to_string);
-            }
-        }
-        let data: SocketAddr = data.unwrap();
+        let ready = kaelix_tests::serve_addresses(&rx, id);
+        let data = ready.data;
         std::fs::write(&port_file, data.port().to_string()).expect("noting the data port");
         Self {
             id,
             child,
-            admin: admin.unwrap(),
-            raft: raft.unwrap(),
+            admin: ready.admin,
+            raft: ready.raft,
             data,
-            fetch: fetch.expect("the fetch address"),
+            fetch: ready.fetch,
             dir: dir.to_path_buf(),
             cluster_port,
         }
